@@ -1,0 +1,107 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Header(_message.Message):
+    __slots__ = ("protocol", "python", "cloudpickle")
+    PROTOCOL_FIELD_NUMBER: _ClassVar[int]
+    PYTHON_FIELD_NUMBER: _ClassVar[int]
+    CLOUDPICKLE_FIELD_NUMBER: _ClassVar[int]
+    protocol: int
+    python: str
+    cloudpickle: str
+    def __init__(self, protocol: _Optional[int] = ..., python: _Optional[str] = ..., cloudpickle: _Optional[str] = ...) -> None: ...
+
+class SessionHello(_message.Message):
+    __slots__ = ("header",)
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    header: Header
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ...) -> None: ...
+
+class Value(_message.Message):
+    __slots__ = ("name", "pickle")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PICKLE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    pickle: bytes
+    def __init__(self, name: _Optional[str] = ..., pickle: _Optional[bytes] = ...) -> None: ...
+
+class CellRequest(_message.Message):
+    __slots__ = ("header", "source", "filename", "first_line", "inputs", "assign")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    FIRST_LINE_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    ASSIGN_FIELD_NUMBER: _ClassVar[int]
+    header: Header
+    source: str
+    filename: str
+    first_line: int
+    inputs: _containers.RepeatedCompositeFieldContainer[Value]
+    assign: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., source: _Optional[str] = ..., filename: _Optional[str] = ..., first_line: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., assign: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MimeBundle(_message.Message):
+    __slots__ = ("data_json", "metadata_json")
+    DATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    data_json: str
+    metadata_json: str
+    def __init__(self, data_json: _Optional[str] = ..., metadata_json: _Optional[str] = ...) -> None: ...
+
+class Stream(_message.Message):
+    __slots__ = ("name", "text")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    text: str
+    def __init__(self, name: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class Output(_message.Message):
+    __slots__ = ("stream", "display")
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    DISPLAY_FIELD_NUMBER: _ClassVar[int]
+    stream: Stream
+    display: MimeBundle
+    def __init__(self, stream: _Optional[_Union[Stream, _Mapping]] = ..., display: _Optional[_Union[MimeBundle, _Mapping]] = ...) -> None: ...
+
+class RemoteException(_message.Message):
+    __slots__ = ("ename", "evalue", "traceback")
+    ENAME_FIELD_NUMBER: _ClassVar[int]
+    EVALUE_FIELD_NUMBER: _ClassVar[int]
+    TRACEBACK_FIELD_NUMBER: _ClassVar[int]
+    ename: str
+    evalue: str
+    traceback: str
+    def __init__(self, ename: _Optional[str] = ..., evalue: _Optional[str] = ..., traceback: _Optional[str] = ...) -> None: ...
+
+class NotReturned(_message.Message):
+    __slots__ = ("name", "reason")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class CellResult(_message.Message):
+    __slots__ = ("header", "outputs", "result", "result_pickle", "assigned", "not_returned", "error")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_PICKLE_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNED_FIELD_NUMBER: _ClassVar[int]
+    NOT_RETURNED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    header: Header
+    outputs: _containers.RepeatedCompositeFieldContainer[Output]
+    result: MimeBundle
+    result_pickle: bytes
+    assigned: _containers.RepeatedCompositeFieldContainer[Value]
+    not_returned: _containers.RepeatedCompositeFieldContainer[NotReturned]
+    error: RemoteException
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Output, _Mapping]]] = ..., result: _Optional[_Union[MimeBundle, _Mapping]] = ..., result_pickle: _Optional[bytes] = ..., assigned: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., not_returned: _Optional[_Iterable[_Union[NotReturned, _Mapping]]] = ..., error: _Optional[_Union[RemoteException, _Mapping]] = ...) -> None: ...

@@ -1,0 +1,102 @@
+"""Pickles and the envelope around them: the only code that calls cloudpickle.
+
+Pickles are code. Unpickling runs whatever the writer chose, so payloads are
+only loaded from peers the user trusts (their own runner, through their own
+Flame), and only after :func:`check_header` has accepted the writer's versions.
+cloudpickle's output loads only under the same Python minor version and the
+same cloudpickle version, which is what the header records.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, TypeVar
+
+import cloudpickle
+from google.protobuf.message import DecodeError, Message
+
+from flame_magic.protocol import cell
+
+PROTOCOL_VERSION = 1
+PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
+CLOUDPICKLE_VERSION: str = cloudpickle.__version__
+
+M = TypeVar("M", bound=Message)
+
+
+class PayloadError(Exception):
+    """A payload that is not ours, or was written by incompatible versions."""
+
+
+class UnpicklableError(Exception):
+    """A value that cloudpickle cannot serialise."""
+
+
+def local_header() -> cell.Header:
+    """The header describing this process as a writer of pickles."""
+    return cell.Header(
+        protocol=PROTOCOL_VERSION,
+        python=PYTHON_VERSION,
+        cloudpickle=CLOUDPICKLE_VERSION,
+    )
+
+
+def check_header(header: cell.Header, peer: str) -> None:
+    """Refuse a payload whose writer's versions differ from ours.
+
+    Parameters
+    ----------
+    header
+        The header the peer wrote.
+    peer
+        Who wrote it, for the message ("the runner", "the notebook").
+    """
+    if header.protocol != PROTOCOL_VERSION:
+        raise PayloadError(
+            f"{peer} speaks flame-magic protocol {header.protocol or 'unknown'}, "
+            f"this side speaks {PROTOCOL_VERSION}: install the same flame-magic "
+            "version on both sides."
+        )
+    mismatches = []
+    if header.python != PYTHON_VERSION:
+        mismatches.append(f"Python {header.python} there, {PYTHON_VERSION} here")
+    if header.cloudpickle != CLOUDPICKLE_VERSION:
+        mismatches.append(f"cloudpickle {header.cloudpickle} there, {CLOUDPICKLE_VERSION} here")
+    if mismatches:
+        raise PayloadError(
+            f"Version mismatch with {peer}: {'; '.join(mismatches)}. Pickled values only "
+            "travel between the same Python minor version and the same cloudpickle "
+            f"version: use Python {PYTHON_VERSION} with cloudpickle=={CLOUDPICKLE_VERSION} "
+            "on both sides."
+        )
+
+
+def encode(message: Message) -> bytes:
+    """Serialise one of our envelope messages."""
+    return message.SerializeToString()
+
+
+def decode(kind: type[M], data: bytes, peer: str) -> M:
+    """Parse an envelope message and check its header, before any unpickling."""
+    message = kind()
+    try:
+        message.ParseFromString(data)
+    except DecodeError as exc:
+        raise PayloadError(f"{peer} sent data that is not a flame-magic {kind.__name__}: {exc}") from None
+    if not message.HasField("header"):  # type: ignore[arg-type]
+        raise PayloadError(f"{peer} sent a {kind.__name__} without a version header: is it flame-magic?")
+    check_header(message.header, peer)  # type: ignore[attr-defined]
+    return message
+
+
+def dumps(value: Any) -> bytes:
+    """Pickle a value by value where cloudpickle must (``__main__``), by reference otherwise."""
+    try:
+        return cloudpickle.dumps(value, protocol=5)
+    except Exception as exc:
+        raise UnpicklableError(str(exc) or type(exc).__name__) from exc
+
+
+def loads(data: bytes) -> Any:
+    """Unpickle a value from a payload whose header was checked."""
+    return cloudpickle.loads(data)

@@ -1,0 +1,43 @@
+"""Regenerate flame_magic/_proto from proto/ (the only way those files are made).
+
+Usage: python scripts/generate_proto.py [OUTPUT_ROOT]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from grpc_tools import protoc
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTO_ROOT = ROOT / "proto"
+
+
+def generate(output_root: Path) -> list[Path]:
+    """Generate Python modules for every .proto under proto/ into output_root."""
+    sources = sorted(PROTO_ROOT.rglob("*.proto"))
+    include = Path(protoc.__file__).parent / "_proto"
+    args = [
+        "protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{include}",
+        f"--python_out={output_root}",
+        f"--pyi_out={output_root}",
+        f"--grpc_python_out={output_root}",
+        *(str(s.relative_to(PROTO_ROOT)) for s in sources),
+    ]
+    if protoc.main(args) != 0:
+        raise SystemExit("protoc failed")
+    package = output_root / "flame_magic" / "_proto"
+    for grpc_module in package.glob("*_pb2_grpc.py"):
+        if "Servicer" not in grpc_module.read_text():  # a .proto with no service
+            grpc_module.unlink()
+    (package / "__init__.py").write_text('"""Generated from proto/ by scripts/generate_proto.py; do not edit."""\n')
+    return sorted(p for p in package.iterdir() if p.is_file())
+
+
+if __name__ == "__main__":
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT
+    for path in generate(out):
+        print(path)
