@@ -31,20 +31,22 @@ class Value(_message.Message):
     def __init__(self, name: _Optional[str] = ..., pickle: _Optional[bytes] = ...) -> None: ...
 
 class CellRequest(_message.Message):
-    __slots__ = ("header", "source", "filename", "first_line", "inputs", "assign")
+    __slots__ = ("header", "source", "filename", "first_line", "inputs", "assign", "timeout")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     FILENAME_FIELD_NUMBER: _ClassVar[int]
     FIRST_LINE_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     ASSIGN_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     header: Header
     source: str
     filename: str
     first_line: int
     inputs: _containers.RepeatedCompositeFieldContainer[Value]
     assign: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., source: _Optional[str] = ..., filename: _Optional[str] = ..., first_line: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., assign: _Optional[_Iterable[str]] = ...) -> None: ...
+    timeout: float
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., source: _Optional[str] = ..., filename: _Optional[str] = ..., first_line: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., assign: _Optional[_Iterable[str]] = ..., timeout: _Optional[float] = ...) -> None: ...
 
 class MimeBundle(_message.Message):
     __slots__ = ("data_json", "metadata_json")
