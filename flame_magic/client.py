@@ -1,0 +1,216 @@
+"""A client of Flame's ``Frontend`` service, the same for a cluster and the embedded Flame."""
+
+from __future__ import annotations
+
+import secrets
+import string
+import time
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import grpc
+
+from flame_magic.protocol import (
+    EVENT_BIND_FAILED,
+    EVENT_SESSION_PAUSED,
+    TERMINAL_TASK_STATES,
+    FrontendStub,
+    frontend,
+    types,
+)
+
+# A watch is re-opened this often while a task is pending, to notice sessions
+# that cannot start (their tasks would otherwise stay Pending forever).
+WATCH_SLICE_SECONDS = 1.0
+
+
+class FlameError(Exception):
+    """Flame refused a request or could not be reached; the message says what to do."""
+
+
+class SessionStartError(FlameError):
+    """The application could not start a session (Flame events 1001/1002)."""
+
+
+def new_session_id(application: str) -> str:
+    """A session id in flamepy's form, ``<app>-<6 random alphanumerics>``."""
+    alphabet = string.ascii_lowercase + string.digits
+    return f"{application}-{''.join(secrets.choice(alphabet) for _ in range(6))}"
+
+
+def open_channel(endpoint: str, ca_file: str | None = None) -> grpc.Channel:
+    """A gRPC channel for ``http://``, ``https://`` or ``unix://`` Flame endpoints."""
+    if endpoint.startswith("unix:"):
+        return grpc.insecure_channel(endpoint)
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise FlameError(
+            f"Cannot use Flame endpoint {endpoint!r}: expected http://HOST:PORT, "
+            "https://HOST:PORT or unix:///PATH."
+        )
+    address = f"{parts.hostname}:{parts.port or 8080}"
+    if parts.scheme == "http":
+        return grpc.insecure_channel(address)
+    root = None
+    if ca_file:
+        try:
+            with open(ca_file, "rb") as handle:
+                root = handle.read()
+        except OSError as exc:
+            raise FlameError(f"Cannot read the CA file {ca_file!r} for {endpoint}: {exc}") from None
+    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root))
+
+
+class FlameClient:
+    """Calls to one Flame session manager, with gRPC errors turned into clear messages.
+
+    Parameters
+    ----------
+    endpoint
+        The session manager's Frontend endpoint.
+    ca_file
+        CA certificate for ``https://`` endpoints.
+    """
+
+    def __init__(self, endpoint: str, ca_file: str | None = None) -> None:
+        self.endpoint = endpoint
+        self._channel = open_channel(endpoint, ca_file)
+        self._stub = FrontendStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def wait_ready(self, timeout: float) -> None:
+        """Fail within ``timeout`` seconds, naming the endpoint, when Flame is unreachable."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise FlameError(
+                f"Cannot reach Flame at {self.endpoint} within {timeout:g} s. Check that the session "
+                "manager runs and the endpoint is right (FLAME_ENDPOINT, ~/.flame/flame.yaml, or "
+                "`%flame connect ENDPOINT`)."
+            ) from None
+
+    def _call(self, method: str, request: object, what: str) -> object:
+        try:
+            return getattr(self._stub, method)(request)
+        except grpc.RpcError as exc:
+            raise self._error(exc, what) from None
+
+    def _error(self, exc: grpc.RpcError, what: str) -> FlameError:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        if code == grpc.StatusCode.UNAVAILABLE:
+            return FlameError(f"Flame at {self.endpoint} is unavailable while trying to {what}: {details}")
+        name = code.name if code is not None else "ERROR"
+        return FlameError(f"Flame at {self.endpoint} refused to {what} ({name}): {details}")
+
+    # Applications
+
+    def get_application(self, name: str) -> types.Application | None:
+        """The application, or None when Flame has none by that name."""
+        try:
+            return self._stub.GetApplication(frontend.GetApplicationRequest(name=name))
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise self._error(exc, f"get application {name!r}") from None
+
+    def list_applications(self) -> list[types.Application]:
+        reply = self._call("ListApplication", frontend.ListApplicationRequest(), "list applications")
+        return list(reply.applications)  # type: ignore[attr-defined]
+
+    def register_application(self, name: str, spec: types.ApplicationSpec) -> None:
+        request = frontend.RegisterApplicationRequest(name=name, application=spec)
+        self._check(self._call("RegisterApplication", request, f"register application {name!r}"))
+
+    @staticmethod
+    def _check(result: object) -> None:
+        if result.return_code != 0:  # type: ignore[attr-defined]
+            raise FlameError(result.message)  # type: ignore[attr-defined]
+
+    # Sessions
+
+    def open_session(self, session_id: str, spec: types.SessionSpec) -> types.Session:
+        request = frontend.OpenSessionRequest(session_id=session_id, session=spec)
+        return self._call("OpenSession", request, f"open session {session_id!r}")  # type: ignore[return-value]
+
+    def get_session(self, session_id: str) -> types.Session:
+        request = frontend.GetSessionRequest(session_id=session_id)
+        return self._call("GetSession", request, f"get session {session_id!r}")  # type: ignore[return-value]
+
+    def list_sessions(self) -> list[types.Session]:
+        reply = self._call("ListSession", frontend.ListSessionRequest(), "list sessions")
+        return list(reply.sessions)  # type: ignore[attr-defined]
+
+    def close_session(self, session_id: str) -> types.Session:
+        request = frontend.CloseSessionRequest(session_id=session_id)
+        return self._call("CloseSession", request, f"close session {session_id!r}")  # type: ignore[return-value]
+
+    # Tasks
+
+    def create_task(self, session_id: str, task_input: bytes) -> types.Task:
+        request = frontend.CreateTaskRequest(task=types.TaskSpec(session_id=session_id, input=task_input))
+        return self._call("CreateTask", request, f"create a task in session {session_id!r}")  # type: ignore[return-value]
+
+    def get_task(self, session_id: str, task_id: str) -> types.Task:
+        request = frontend.GetTaskRequest(task_id=task_id, session_id=session_id)
+        return self._call("GetTask", request, f"get task {task_id} of {session_id!r}")  # type: ignore[return-value]
+
+    def wait_task(self, session_id: str, task_id: str) -> types.Task:
+        """Follow a task to its terminal state and return it, with its events if it failed.
+
+        While the task waits, the session's events are checked so that an
+        application that cannot start fails the wait instead of hanging it.
+        """
+        started_ms = int(time.time() * 1000) - 1000
+        while True:
+            task = self._watch_slice(session_id, task_id)
+            if task is not None and task.status.state in TERMINAL_TASK_STATES:
+                if task.status.state != types.Succeed:
+                    # Flame fills events (the failure message) only through GetTask.
+                    task = self.get_task(session_id, task_id)
+                return task
+            if task is None or task.status.state == types.Pending:
+                self._raise_if_session_cannot_start(session_id, started_ms)
+
+    def _watch_slice(self, session_id: str, task_id: str) -> types.Task | None:
+        """The newest state seen within one watch slice (None when nothing came)."""
+        request = frontend.WatchTaskRequest(task_id=task_id, session_id=session_id)
+        last = None
+        stream: Iterator[types.Task] = self._stub.WatchTask(request, timeout=WATCH_SLICE_SECONDS)
+        try:
+            for last in stream:
+                if last.status.state in TERMINAL_TASK_STATES:
+                    break
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise self._error(exc, f"watch task {task_id} of {session_id!r}") from None
+        finally:
+            stream.cancel()  # type: ignore[attr-defined]
+        if last is None or last.status.state not in TERMINAL_TASK_STATES:
+            # A watch that opened after the last change may say nothing: ask directly.
+            last = self.get_task(session_id, task_id)
+        return last
+
+    def _raise_if_session_cannot_start(self, session_id: str, since_ms: int) -> None:
+        session = self.get_session(session_id)
+        if session.status.state == types.Closed:
+            raise FlameError(f"Session {session_id!r} was closed while its task waited.")
+        failures = [
+            event
+            for event in session.status.events
+            if event.code in (EVENT_BIND_FAILED, EVENT_SESSION_PAUSED) and event.creation_time >= since_ms
+        ]
+        if failures:
+            messages = [e.message for e in failures if e.code == EVENT_BIND_FAILED and e.message]
+            reason = messages[-1] if messages else failures[-1].message
+            raise SessionStartError(
+                f"The application of session {session_id!r} could not start: {reason or 'no reason given'}"
+            )
+
+
+def failure_message(task: types.Task) -> str:
+    """The message Flame recorded for a failed task (event code 3), if any."""
+    messages = [event.message for event in task.status.events if event.message]
+    return messages[-1] if messages else ""

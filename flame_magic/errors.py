@@ -1,0 +1,63 @@
+"""Exceptions a %%flmrun cell raises in the notebook."""
+
+from __future__ import annotations
+
+import builtins
+from functools import cache
+
+
+class RemoteError(Exception):
+    """An exception raised by the cell on the Flame runner, rebuilt from data.
+
+    Nothing is unpickled to show it: the runner sends the type name, the message
+    and the traceback text. When the remote type is a builtin exception the
+    local one is also an instance of it, so ``except NameError`` works.
+
+    Attributes
+    ----------
+    ename, evalue, remote_traceback
+        The remote exception's type name, message and formatted traceback.
+    """
+
+    def __init__(self, ename: str, evalue: str, remote_traceback: str) -> None:
+        super().__init__(f"{ename}: {evalue}" if evalue else ename)
+        self.ename = ename
+        self.evalue = evalue
+        self.remote_traceback = remote_traceback
+
+    def _render_traceback_(self) -> list[str]:
+        # IPython shows these lines instead of a local traceback of the magic.
+        lines = self.remote_traceback.rstrip("\n").splitlines()
+        return ["Remote traceback (on the Flame runner):", *lines]
+
+
+@cache
+def _remote_class(ename: str) -> type[RemoteError]:
+    base = getattr(builtins, ename, None)
+    if isinstance(base, type) and issubclass(base, Exception) and base is not Exception:
+        try:
+            return type(f"Remote{ename}", (RemoteError, base), {})
+        except TypeError:  # a builtin whose C layout does not mix
+            pass
+    return RemoteError
+
+
+def remote_error(ename: str, evalue: str, remote_traceback: str) -> RemoteError:
+    """A RemoteError that is also an instance of the remote builtin exception type."""
+    return _remote_class(ename)(ename, evalue, remote_traceback)
+
+
+class CellFailed(Exception):
+    """Flame could not run the cell (a dead runner, a session that cannot start...)."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"CellFailed: {self}"]
+
+
+class CellSyntaxError(SyntaxError):
+    """A syntax error in a %%flmrun cell, found before anything is sent."""
+
+    def _render_traceback_(self) -> list[str]:
+        import traceback
+
+        return [line.rstrip("\n") for line in traceback.format_exception_only(SyntaxError, self)]
