@@ -20,7 +20,9 @@ class RemoteError(Exception):
     """
 
     def __init__(self, ename: str, evalue: str, remote_traceback: str) -> None:
-        super().__init__(f"{ename}: {evalue}" if evalue else ename)
+        # A class that mirrors a builtin is named after it, so its text is the message alone.
+        mirrored = type(self) is not RemoteError
+        super().__init__(evalue if mirrored else (f"{ename}: {evalue}" if evalue else ename))
         self.ename = ename
         self.evalue = evalue
         self.remote_traceback = remote_traceback
@@ -36,7 +38,8 @@ def _remote_class(ename: str) -> type[RemoteError]:
     base = getattr(builtins, ename, None)
     if isinstance(base, type) and issubclass(base, Exception) and base is not Exception:
         try:
-            return type(f"Remote{ename}", (RemoteError, base), {})
+            # Named like the remote type, as Jupyter shows the class name.
+            return type(ename, (RemoteError, base), {"__module__": __name__})
         except TypeError:  # a builtin whose C layout does not mix
             pass
     return RemoteError

@@ -53,6 +53,8 @@ class FlameMagics(Magics):
     )
     connect_timeout = Float(10.0, help="Seconds to wait for the Flame session manager.").tag(config=True)
 
+    shell: Any  # the InteractiveShell (traitlets declares it Optional)
+
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
         self._connection: Connection | None = None

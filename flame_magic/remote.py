@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from flame_magic import codec
 from flame_magic.capture import ShipError, check_size
@@ -16,6 +17,9 @@ from flame_magic.client import FlameClient, FlameError, SessionStartError, failu
 from flame_magic.config import Target
 from flame_magic.errors import CellFailed
 from flame_magic.protocol import MAX_MESSAGE_BYTES, cell, types
+
+if TYPE_CHECKING:
+    from flame_magic.embedded import EmbeddedFlame
 
 # Room left in a task for Flame's own envelope around our bytes.
 ENVELOPE_MARGIN = 64 * 1024
@@ -54,7 +58,7 @@ class Connection:
         self.application = application
         self.connect_timeout = connect_timeout
         self._lock = threading.RLock()
-        self._embedded = None
+        self._embedded: EmbeddedFlame | None = None
         self._client: FlameClient | None = None
         self._session_id: str | None = None
         self.session_ids: list[str] = []
@@ -77,8 +81,9 @@ class Connection:
                 if self.target.embedded:
                     from flame_magic.embedded import EmbeddedFlame
 
-                    self._embedded = EmbeddedFlame.start(working_directory=os.getcwd())
-                    endpoint = self._embedded.endpoint
+                    embedded = EmbeddedFlame.start(working_directory=os.getcwd())
+                    self._embedded = embedded
+                    endpoint = embedded.endpoint
                 client = FlameClient(endpoint, self.target.ca_file)
                 try:
                     client.wait_ready(self.connect_timeout)
