@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flame_magic import codec
-from flame_magic.protocol import cell
+from flame_magic.protocol import MAX_MESSAGE_BYTES, cell
 
 # A statement that completes binds its targets for sure; compound statements
 # (if, for, while, try, match) may skip theirs, so they do not count.
@@ -132,8 +132,8 @@ def check_size(request: cell.CellRequest, limit: int) -> None:
     largest = sorted(request.inputs, key=lambda v: len(v.pickle), reverse=True)[:3]
     listed = ", ".join(f"`{v.name}` ({format_size(len(v.pickle))})" for v in largest)
     raise ShipError(
-        f"This cell would send {format_size(size)} to Flame, over its {format_size(limit)} limit for a "
-        f"task. Largest values: {listed}. Load or create large data inside the %%flmrun cell (for "
+        f"This cell would send {format_size(size)} to Flame, over its {format_size(MAX_MESSAGE_BYTES)} "
+        f"limit for a task (envelope included). Largest values: {listed}. Load or create large data inside the %%flmrun cell (for "
         "example from a file the executors can read), or send a smaller part."
     )
 

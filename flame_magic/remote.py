@@ -198,15 +198,14 @@ class Connection:
     def close_sessions(self) -> list[str]:
         """Close this notebook's open sessions; return the ids closed."""
         closed = []
-        if self._client is not None:
-            for session_id in list(self.session_ids):
+        for info in self.sessions():
+            if info.state == "Open":
                 try:
-                    self._client.close_session(session_id)
-                    closed.append(session_id)
+                    self._client.close_session(info.session_id)  # type: ignore[union-attr]
+                    closed.append(info.session_id)
                 except FlameError:
-                    pass  # already closed or gone
+                    pass  # closed meanwhile, or a task still runs: Flame keeps it open
         self._session_id = None
-        self.session_ids.clear()
         return closed
 
     def shutdown(self) -> None:

@@ -1,0 +1,118 @@
+"""Speed of %%flmrun against ipyparallel, measured in one run on this machine.
+
+Usage: python benchmarks/run.py [--repeat N]
+
+1. A warm trivial cell: ``%%flmrun`` on the embedded Flame against ipyparallel's
+   ``%%px`` (and ``view.execute``) on a local one-engine cluster, both through the
+   same in-process IPython shell. Also a bare gRPC round trip for reference.
+2. The first cell of a fresh Jupyter kernel: ``%load_ext flame_magic`` and a first
+   ``%%flmrun`` cell, embedded Flame and runner start included.
+
+Targets: a warm cell at most 1/3 of ipyparallel's time; the first cell under 2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+TRIVIAL = "x = 1"
+
+
+def median_ms(action: Callable[[], object], repeat: int, warmup: int = 20) -> float:
+    for _ in range(warmup):
+        action()
+    samples = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        action()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples) * 1000
+
+
+def run_cell(shell, source: str) -> Callable[[], None]:
+    def action() -> None:
+        result = shell.run_cell(source, silent=True)
+        if not result.success:
+            raise RuntimeError(f"benchmark cell failed: {result.error_in_exec or result.error_before_exec}")
+
+    return action
+
+
+def warm_cells(repeat: int) -> dict[str, float]:
+    import ipyparallel as ipp
+    from IPython.core.interactiveshell import InteractiveShell
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "flame_magic")
+    flmrun = median_ms(run_cell(shell, f"%%flmrun --no-assign\n{TRIVIAL}"), repeat)
+
+    magics = shell.magics_manager.registry["FlameMagics"]
+    client = magics.connection().client()
+    from flame_magic.protocol import frontend
+
+    bare = median_ms(lambda: client._stub.GetApplication(frontend.GetApplicationRequest(name="flmrun")), repeat)
+    shell.run_line_magic("unload_ext", "flame_magic")
+
+    cluster = ipp.Cluster(n=1, log_level=40)
+    rc = cluster.start_and_connect_sync()
+    try:
+        rc.wait_for_engines(1, timeout=60)
+        view = rc[:]
+        view.activate()
+        px = median_ms(run_cell(shell, f"%%px\n{TRIVIAL}"), repeat)
+        execute = median_ms(lambda: view.execute(TRIVIAL, block=True), repeat)
+    finally:
+        rc.close()
+        cluster.stop_cluster_sync()
+    return {"flmrun": flmrun, "px": px, "execute": execute, "grpc": bare}
+
+
+def first_cell_seconds() -> float:
+    from jupyter_client.manager import start_new_kernel
+
+    with tempfile.TemporaryDirectory() as home:
+        env = {**os.environ, "HOME": home}
+        env.pop("FLAME_ENDPOINT", None)
+        manager, client = start_new_kernel(kernel_name="python3", env=env)
+        try:
+            started = time.perf_counter()
+            reply = client.execute_interactive("%load_ext flame_magic", timeout=60)
+            reply = client.execute_interactive("%%flmrun\n1 + 1", timeout=60)
+            elapsed = time.perf_counter() - started
+            if reply["content"]["status"] != "ok":
+                raise RuntimeError(f"first cell failed: {reply['content']}")
+        finally:
+            client.stop_channels()
+            manager.shutdown_kernel(now=True)
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=300)
+    args = parser.parse_args()
+
+    first = first_cell_seconds()
+    warm = warm_cells(args.repeat)
+    ratio = warm["flmrun"] / warm["px"]
+    print(f"warm trivial cell, median of {args.repeat} (ms)")
+    print(f"  %%flmrun (embedded Flame)      {warm['flmrun']:8.3f}")
+    print(f"  %%px (ipyparallel, 1 engine)   {warm['px']:8.3f}")
+    print(f"  view.execute (ipyparallel)     {warm['execute']:8.3f}")
+    print(f"  bare gRPC round trip           {warm['grpc']:8.3f}")
+    print(f"  ratio %%flmrun / %%px           {ratio:8.3f}   (target <= 0.333: {'met' if ratio <= 1 / 3 else 'MISSED'})")
+    print(f"  ratio %%flmrun / view.execute   {warm['flmrun'] / warm['execute']:8.3f}")
+    print(f"  ratio %%flmrun / bare gRPC      {warm['flmrun'] / warm['grpc']:8.3f}")
+    print(f"first cell of a fresh kernel (load_ext + %%flmrun, Flame and runner start included): {first:.2f} s"
+          f"   (target < 2 s: {'met' if first < 2 else 'MISSED'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Shared fixtures: a real IPython shell with flame_magic loaded, on an embedded Flame."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+from IPython.utils.capture import capture_output
+
+
+@pytest.fixture(scope="session")
+def isolated_home(tmp_path_factory):
+    """No cluster configured: HOME without ~/.flame and no FLAME_* variables."""
+    home = tmp_path_factory.mktemp("home")
+    saved = {k: os.environ.get(k) for k in ("HOME", "FLAME_ENDPOINT", "FLAME_CA_FILE")}
+    os.environ["HOME"] = str(home)
+    os.environ.pop("FLAME_ENDPOINT", None)
+    os.environ.pop("FLAME_CA_FILE", None)
+    yield home
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def shell(isolated_home):
+    """A real IPython shell with the extension loaded (one embedded Flame for the run)."""
+    ip = InteractiveShell.instance()
+    ip.run_line_magic("load_ext", "flame_magic")
+    yield ip
+    ip.run_line_magic("unload_ext", "flame_magic")
+
+
+class Ran:
+    """What running one cell showed: its value, error, and captured output."""
+
+    def __init__(self, result, captured):
+        self.value = result.result
+        self.error = result.error_in_exec or result.error_before_exec
+        self.stdout = captured.stdout
+        self.stderr = captured.stderr
+        self.outputs = captured.outputs
+
+
+@pytest.fixture
+def run(shell):
+    """Run one cell in the shell and capture what it showed."""
+
+    def run_cell(source: str) -> Ran:
+        with capture_output() as captured:
+            result = shell.run_cell(source, store_history=True)
+        return Ran(result, captured)
+
+    return run_cell
