@@ -56,7 +56,8 @@ def warm_cells(repeat: int) -> dict[str, float]:
     client = magics.connection().client()
     from flame_magic.protocol import frontend
 
-    bare = median_ms(lambda: client._stub.GetApplication(frontend.GetApplicationRequest(name="flmrun")), repeat)
+    request = frontend.GetApplicationRequest(name="flmrun")
+    bare = median_ms(lambda: client._stub.GetApplication(request), repeat)
     shell.run_line_magic("unload_ext", "flame_magic")
 
     cluster = ipp.Cluster(n=1, log_level=40)
@@ -65,7 +66,7 @@ def warm_cells(repeat: int) -> dict[str, float]:
         rc.wait_for_engines(1, timeout=60)
         view = rc[:]
         view.activate()
-        px = median_ms(run_cell(shell, f"%%px\n{TRIVIAL}"), repeat)
+        px = median_ms(run_cell(shell, f"%%px --block\n{TRIVIAL}"), repeat)
         execute = median_ms(lambda: view.execute(TRIVIAL, block=True), repeat)
     finally:
         rc.close()
@@ -106,11 +107,12 @@ def main() -> int:
     print(f"  %%px (ipyparallel, 1 engine)   {warm['px']:8.3f}")
     print(f"  view.execute (ipyparallel)     {warm['execute']:8.3f}")
     print(f"  bare gRPC round trip           {warm['grpc']:8.3f}")
-    print(f"  ratio %%flmrun / %%px           {ratio:8.3f}   (target <= 0.333: {'met' if ratio <= 1 / 3 else 'MISSED'})")
+    verdict = "met" if ratio <= 1 / 3 else "MISSED"
+    print(f"  ratio %%flmrun / %%px           {ratio:8.3f}   (target <= 0.333: {verdict})")
     print(f"  ratio %%flmrun / view.execute   {warm['flmrun'] / warm['execute']:8.3f}")
     print(f"  ratio %%flmrun / bare gRPC      {warm['flmrun'] / warm['grpc']:8.3f}")
-    print(f"first cell of a fresh kernel (load_ext + %%flmrun, Flame and runner start included): {first:.2f} s"
-          f"   (target < 2 s: {'met' if first < 2 else 'MISSED'})")
+    print("first cell of a fresh kernel (load_ext + %%flmrun, Flame and runner start included):")
+    print(f"  {first:.2f} s   (target < 2 s: {'met' if first < 2 else 'MISSED'})")
     return 0
 
 

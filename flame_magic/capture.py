@@ -133,8 +133,8 @@ def check_size(request: cell.CellRequest, limit: int) -> None:
     listed = ", ".join(f"`{v.name}` ({format_size(len(v.pickle))})" for v in largest)
     raise ShipError(
         f"This cell would send {format_size(size)} to Flame, over its {format_size(MAX_MESSAGE_BYTES)} "
-        f"limit for a task (envelope included). Largest values: {listed}. Load or create large data inside the %%flmrun cell (for "
-        "example from a file the executors can read), or send a smaller part."
+        f"limit for a task (envelope included). Largest values: {listed}. Load or create large data "
+        "inside the %%flmrun cell (for example from a file the executors can read), or send a smaller part."
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import string
 import time
@@ -13,15 +14,23 @@ import grpc
 from flame_magic.protocol import (
     EVENT_BIND_FAILED,
     EVENT_SESSION_PAUSED,
+    EVENT_TASK_FAILED,
+    MAX_MESSAGE_BYTES,
     TERMINAL_TASK_STATES,
     FrontendStub,
     frontend,
     types,
 )
 
-# A watch is re-opened this often while a task is pending, to notice sessions
-# that cannot start (their tasks would otherwise stay Pending forever).
-WATCH_SLICE_SECONDS = 1.0
+# A watch is re-opened after these many seconds, then every last one, to notice
+# sessions that cannot start (their tasks would otherwise stay Pending forever).
+# Flame's own WatchTask says nothing until the next change, so a task that ended
+# before the watch opened is found by the GetTask after the first, short slice.
+WATCH_SLICES_SECONDS = (0.25, 1.0)
+
+# Every streamed Task carries its input and its output, each up to Flame's limit:
+# this side's receive limit is ours to set, and must hold both.
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 2 * MAX_MESSAGE_BYTES + 1024 * 1024)]
 
 
 class FlameError(Exception):
@@ -41,7 +50,7 @@ def new_session_id(application: str) -> str:
 def open_channel(endpoint: str, ca_file: str | None = None) -> grpc.Channel:
     """A gRPC channel for ``http://``, ``https://`` or ``unix://`` Flame endpoints."""
     if endpoint.startswith("unix:"):
-        return grpc.insecure_channel(endpoint)
+        return grpc.insecure_channel(endpoint, options=CHANNEL_OPTIONS)
     parts = urlsplit(endpoint)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise FlameError(
@@ -50,7 +59,7 @@ def open_channel(endpoint: str, ca_file: str | None = None) -> grpc.Channel:
         )
     address = f"{parts.hostname}:{parts.port or 8080}"
     if parts.scheme == "http":
-        return grpc.insecure_channel(address)
+        return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
     root = None
     if ca_file:
         try:
@@ -58,7 +67,8 @@ def open_channel(endpoint: str, ca_file: str | None = None) -> grpc.Channel:
                 root = handle.read()
         except OSError as exc:
             raise FlameError(f"Cannot read the CA file {ca_file!r} for {endpoint}: {exc}") from None
-    return grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root))
+    credentials = grpc.ssl_channel_credentials(root_certificates=root)
+    return grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
 
 
 class FlameClient:
@@ -164,8 +174,9 @@ class FlameClient:
         application that cannot start fails the wait instead of hanging it.
         """
         started_ms = int(time.time() * 1000) - 1000
-        while True:
-            task = self._watch_slice(session_id, task_id)
+        for attempt in itertools.count():
+            slice_seconds = WATCH_SLICES_SECONDS[min(attempt, len(WATCH_SLICES_SECONDS) - 1)]
+            task = self._watch_slice(session_id, task_id, slice_seconds)
             if task is not None and task.status.state in TERMINAL_TASK_STATES:
                 if task.status.state != types.Succeed:
                     # Flame fills events (the failure message) only through GetTask.
@@ -173,12 +184,13 @@ class FlameClient:
                 return task
             if task is None or task.status.state == types.Pending:
                 self._raise_if_session_cannot_start(session_id, started_ms)
+        raise AssertionError("unreachable")
 
-    def _watch_slice(self, session_id: str, task_id: str) -> types.Task | None:
+    def _watch_slice(self, session_id: str, task_id: str, seconds: float) -> types.Task | None:
         """The newest state seen within one watch slice (None when nothing came)."""
         request = frontend.WatchTaskRequest(task_id=task_id, session_id=session_id)
         last = None
-        stream: Iterator[types.Task] = self._stub.WatchTask(request, timeout=WATCH_SLICE_SECONDS)
+        stream: Iterator[types.Task] = self._stub.WatchTask(request, timeout=seconds)
         try:
             for last in stream:
                 if last.status.state in TERMINAL_TASK_STATES:
@@ -212,5 +224,6 @@ class FlameClient:
 
 def failure_message(task: types.Task) -> str:
     """The message Flame recorded for a failed task (event code 3), if any."""
-    messages = [event.message for event in task.status.events if event.message]
+    # Flame records every state change as an event; only code 3 carries the failure.
+    messages = [e.message for e in task.status.events if e.code == EVENT_TASK_FAILED and e.message]
     return messages[-1] if messages else ""

@@ -33,7 +33,8 @@ def generate(output_root: Path) -> list[Path]:
     for grpc_module in package.glob("*_pb2_grpc.py"):
         if "Servicer" not in grpc_module.read_text():  # a .proto with no service
             grpc_module.unlink()
-    (package / "__init__.py").write_text('"""Generated from proto/ by scripts/generate_proto.py; do not edit."""\n')
+    marker = '"""Generated from proto/ by scripts/generate_proto.py; do not edit."""\n'
+    (package / "__init__.py").write_text(marker)
     return sorted(p for p in package.iterdir() if p.is_file())
 
 

@@ -31,7 +31,8 @@ def test_notebook_functions_classes_closures_and_lambdas_travel(run, shell):
         "factor = 3\n"
         "def make_scaler(k):\n    def scale(v):\n        return v * k * factor\n    return scale\n"
         "scaler = make_scaler(2)\n"
-        "class Point:\n    def __init__(self, x):\n        self.x = x\n    def norm(self):\n        return abs(self.x)\n"
+        "class Point:\n    def __init__(self, x):\n        self.x = x\n"
+        "    def norm(self):\n        return abs(self.x)\n"
         "shift = lambda v: v + 1\n"
         "items = [1, 2, 3]\n"
     )

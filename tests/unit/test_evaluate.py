@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import time
 import sys
+import time
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -349,7 +349,9 @@ def test_timeout_stops_a_blocking_cell_and_says_how_to_change_it():
         assert "0.3 s timeout" in result.error.evalue and "--timeout" in result.error.evalue
         # The next cell has no leftover alarm.
         after = evaluator.evaluate(
-            cell.CellRequest(header=codec.local_header(), source="import time\ntime.sleep(0.5)\n1", filename="<u>")
+            cell.CellRequest(
+                header=codec.local_header(), source="import time\ntime.sleep(0.5)\n1", filename="<u>"
+            )
         )
         assert not after.HasField("error")
     finally:

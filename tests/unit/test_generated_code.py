@@ -19,7 +19,8 @@ def test_checked_in_generated_code_matches_proto_sources(tmp_path):
     fresh = tmp_path / "flame_magic" / "_proto"
     checked_in = ROOT / "flame_magic" / "_proto"
     names = sorted(p.name for p in fresh.iterdir() if p.is_file())
-    assert names == sorted(p.name for p in checked_in.iterdir() if p.is_file() and p.suffix in (".py", ".pyi"))
+    kept = sorted(p.name for p in checked_in.iterdir() if p.is_file() and p.suffix in (".py", ".pyi"))
+    assert names == kept
     _, mismatch, errors = filecmp.cmpfiles(fresh, checked_in, names, shallow=False)
     assert not mismatch and not errors, f"regenerate with scripts/generate_proto.py: {mismatch or errors}"
 

@@ -1,0 +1,180 @@
+"""Run the embedded Flame: serve Frontend on an endpoint until told to stop, then clean up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import grpc
+
+from flame_magic import protocol
+from flame_magic.embedded import executor
+from flame_magic.embedded.session_manager import FrontendService, SessionManager
+
+log = logging.getLogger(__name__)
+
+PARENT_POLL_INTERVAL = 0.5  # seconds between checks that our parent is still alive
+FRONTEND_SOCKET = "flame.sock"
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Where to serve: the address given to gRPC and the endpoint to tell clients."""
+
+    bind: str
+    endpoint: str  # may hold "{port}", filled in once the port is known
+    unix_path: Path | None = None
+
+
+def parse_listen(listen: str | None, state_dir: Path) -> Listen:
+    """Parse ``http://HOST:PORT`` or ``unix:///path`` (default: a socket in the state dir).
+
+    Raises
+    ------
+    ValueError
+        For anything else (TLS is not offered: the embedded Flame serves this machine only).
+    """
+    if not listen:
+        path = state_dir / FRONTEND_SOCKET
+        return Listen(f"unix://{path}", f"unix://{path}", path)
+    if listen.startswith("unix:"):
+        raw = listen[len("unix:") :]
+        if raw.startswith("//"):
+            raw = raw[2:]
+        if not raw.startswith("/"):
+            raise ValueError(f"unix endpoint needs an absolute path: {listen}")
+        return Listen(f"unix://{raw}", f"unix://{raw}", Path(raw))
+    parts = urlsplit(listen)
+    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
+        raise ValueError(f"endpoint must be http://HOST:PORT or unix:///PATH, got: {listen}")
+    host = parts.hostname
+    shown = f"[{host}]" if ":" in host else host
+    port = parts.port if parts.port is not None else 8080
+    return Listen(f"{shown}:{port}", f"http://{shown}:{{port}}")
+
+
+def make_state_dir(state_dir: str | None) -> Path:
+    """Create the private (0700) state directory: sockets, logs, per-executor directories."""
+    if state_dir is None:
+        return Path(tempfile.mkdtemp(prefix="flame-embedded-"))
+    path = Path(state_dir).resolve()
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def remove_state(state_dir: Path, owned: bool) -> None:
+    """Remove what the embedded Flame made in ``state_dir``, then the directory if it is empty."""
+    if owned:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        return
+    for name in ("sock", "work", "logs"):
+        shutil.rmtree(state_dir / name, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        (state_dir / FRONTEND_SOCKET).unlink()
+    with contextlib.suppress(OSError):
+        state_dir.rmdir()  # only if nothing else is left in it
+
+
+async def serve(
+    *,
+    listen: str | None,
+    working_directory: str,
+    state_dir: str | None,
+    keep_state: bool,
+    parent_pid: int | None,
+    on_ready: Callable[[str], None],
+) -> None:
+    """Serve the Frontend until SIGTERM/SIGINT (or the parent's death), then release everything.
+
+    Parameters
+    ----------
+    listen
+        ``http://HOST:PORT`` (port 0 picks a free one) or ``unix:///path``; None for a
+        Unix socket in the state directory.
+    working_directory
+        Absolute working directory of the default ``flmrun`` application.
+    state_dir
+        Directory for sockets, logs and per-executor directories; None for a fresh one.
+    keep_state
+        Leave the state directory (logs included) behind on exit.
+    parent_pid
+        Stop when this process is no longer our parent (None: never).
+    on_ready
+        Called with the endpoint once the server accepts calls.
+    """
+    owned = state_dir is None
+    root = make_state_dir(state_dir)
+    executor.install_exit_hook()
+    manager = SessionManager(root, working_directory)
+    # No size options: gRPC's default 4 MiB receive limit applies, as on Flame. No
+    # SO_REUSEPORT: a second Flame on a taken port must fail, not share the port.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    protocol.add_FrontendServicer_to_server(FrontendService(manager), server)
+    where: Listen | None = None
+    bound = False
+    try:
+        where = parse_listen(listen, root)
+        if where.unix_path is not None:
+            _remove_stale_socket(where.unix_path)
+        port = server.add_insecure_port(where.bind)
+        if not port:
+            raise RuntimeError(f"cannot listen on {where.bind}")
+        bound = True
+        manager.endpoint = where.endpoint.format(port=port)
+        manager.register_default_applications()
+        await server.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, stop.set)
+        watcher = asyncio.create_task(_watch_parent(stop, parent_pid)) if parent_pid else None
+        log.info("serving flame.v1.Frontend on %s (state in %s)", manager.endpoint, root)
+        on_ready(manager.endpoint)
+        await stop.wait()
+        log.info("stopping")
+        if watcher is not None:
+            watcher.cancel()
+        await server.stop(0.2)
+        await manager.shutdown()
+    finally:
+        executor.kill_all_groups()
+        if bound and where is not None and where.unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                where.unix_path.unlink()
+        if not keep_state:
+            remove_state(root, owned)
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a Unix socket left by a dead server; refuse one that is still served."""
+    if not path.exists():
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        path.unlink()  # nobody listens: a leftover
+        return
+    finally:
+        probe.close()
+    raise RuntimeError(f"{path} is in use by another server")
+
+
+async def _watch_parent(stop: asyncio.Event, parent: int) -> None:
+    # Polling getppid, not PR_SET_PDEATHSIG: the latter fires when the *thread* that started
+    # us exits, and a kernel may start us from a short-lived thread.
+    while os.getppid() == parent:
+        await asyncio.sleep(PARENT_POLL_INTERVAL)
+    log.info("parent process %d is gone", parent)
+    stop.set()
