@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 
@@ -72,8 +73,7 @@ def test_remote_exception_is_raised_with_the_cells_own_lines(run, shell):
     assert isinstance(ran.error, RemoteError)
     assert isinstance(ran.error, ZeroDivisionError)
     rendered = "\n".join(ran.error._render_traceback_())
-    cell_name = f"<flmrun-cell-{shell.execution_count - 1}>"
-    assert f'"{cell_name}", line 3' in rendered
+    assert re.search(r'File "<flmrun-cell-\d+>", line 3, in <module>', rendered)
     assert "value / 0" in rendered
     assert "runner/" not in rendered  # the runner's own frames are not shown
 
