@@ -17,6 +17,10 @@ from typing import Any
 
 from flame_magic import codec
 from flame_magic.protocol import MAX_MESSAGE_BYTES, cell
+from flame_magic.transfer import CACHE_HINT, Outgoing, Shipper
+
+# Bytes of values a task's message may carry inline; the rest goes through the object cache.
+INLINE_BUDGET = 3 * 1024 * 1024
 
 # A statement that completes binds its targets for sure; compound statements
 # (if, for, while, try, match) may skip theirs, so they do not count.
@@ -102,39 +106,66 @@ def _nested_globals(table: symtable.SymbolTable) -> list[str]:
     return names
 
 
-def pack(names: Iterable[str], namespace: Mapping[str, Any]) -> list[cell.Value]:
+def pack(
+    names: Iterable[str],
+    namespace: Mapping[str, Any],
+    shipper: Shipper | None = None,
+    budget: int = INLINE_BUDGET,
+) -> list[cell.Value]:
     """Pickle the named notebook values the cell reads (absent names are left out).
 
     A name the notebook lacks is not sent, so the cell raises NameError on the
     runner exactly as it would locally.
+
+    Parameters
+    ----------
+    shipper
+        The session's way to Flame's object cache: large values (and enough others to keep
+        the message within ``budget`` bytes) travel through it, by reference. Without one,
+        every value is pickled into the message.
     """
-    values = []
+    shipper = shipper or Shipper(None, None)
+    shipper.new_request()
+    outgoing = []
     for name in names:
         if name in NOT_SHIPPED or name not in namespace:
             continue
         value = namespace[name]
         try:
-            values.append(cell.Value(name=name, pickle=codec.dumps(value)))
+            outgoing.append(Outgoing(name, shipper.pickle(value)))
         except codec.UnpicklableError as exc:
             kind = f"{type(value).__module__}.{type(value).__qualname__}"
             raise ShipError(
                 f"Cannot send `{name}` ({kind}) to the Flame runner: {exc}. Create it inside the "
                 "%%flmrun cell instead (open files, connections and locks there), or make it picklable."
             ) from None
+    values = shipper.ship_all(outgoing, budget)
+    shipper.evict()
     return values
 
 
-def check_size(request: cell.CellRequest, limit: int) -> None:
-    """Refuse a request over Flame's task limit, naming the largest values."""
+def check_size(request: cell.CellRequest, limit: int, no_cache: bool = False) -> None:
+    """Refuse a request over Flame's task limit, naming the largest values.
+
+    Parameters
+    ----------
+    no_cache
+        There is no object cache: the message then says how to configure one.
+    """
     size = request.ByteSize()
     if size <= limit:
         return
     largest = sorted(request.inputs, key=lambda v: len(v.pickle), reverse=True)[:3]
     listed = ", ".join(f"`{v.name}` ({format_size(len(v.pickle))})" for v in largest)
+    advice = (
+        "Load or create large data inside the %%flmrun cell (for example from a file the executors "
+        "can read), or send a smaller part"
+    )
+    if no_cache:
+        advice += f"; or {CACHE_HINT}"
     raise ShipError(
         f"This cell would send {format_size(size)} to Flame, over its {format_size(MAX_MESSAGE_BYTES)} "
-        f"limit for a task (envelope included). Largest values: {listed}. Load or create large data "
-        "inside the %%flmrun cell (for example from a file the executors can read), or send a smaller part."
+        f"limit for a task (envelope included). Largest values: {listed}. {advice}."
     )
 
 

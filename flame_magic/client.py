@@ -5,8 +5,11 @@ from __future__ import annotations
 import itertools
 import secrets
 import string
+import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterable, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
@@ -38,12 +41,28 @@ CHANNEL_OPTIONS = [
 ]
 
 
+# Seconds any unary call may take: a session manager that accepts connections but never
+# answers must fail a cell, not hang it.
+CALL_TIMEOUT_SECONDS = 30.0
+
+# The application asked for when probing an endpoint; Flame answers NOT_FOUND.
+PROBE_APPLICATION = "flame-magic-probe"
+
+
 class FlameError(Exception):
     """Flame refused a request or could not be reached; the message says what to do."""
 
 
 class SessionStartError(FlameError):
     """The application could not start a session (Flame events 1001/1002)."""
+
+
+class SessionGoneError(FlameError):
+    """The session was closed or deleted by someone else (flmctl, an administrator)."""
+
+
+class WaitStopped(Exception):
+    """A wait for a task was given up because its ``stop`` event was set (the task goes on)."""
 
 
 def new_session_id(application: str) -> str:
@@ -89,6 +108,7 @@ class FlameClient:
 
     def __init__(self, endpoint: str, ca_file: str | None = None) -> None:
         self.endpoint = endpoint
+        self.ca_file = ca_file
         self._channel = open_channel(endpoint, ca_file)
         self._stub = FrontendStub(self._channel)
 
@@ -96,19 +116,41 @@ class FlameClient:
         self._channel.close()
 
     def wait_ready(self, timeout: float) -> None:
-        """Fail within ``timeout`` seconds, naming the endpoint, when Flame is unreachable."""
+        """Fail within ``timeout`` seconds, naming the endpoint, unless a Flame session manager answers.
+
+        One cheap Frontend call, not a wait for the channel: a refused connection, a server
+        that does not speak gRPC or TLS as configured, or a gRPC server that is not Flame each
+        fail at once with gRPC's reason, instead of being retried until the timeout.
+        """
+        probe = frontend.GetApplicationRequest(name=PROBE_APPLICATION)
         try:
-            grpc.channel_ready_future(self._channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise FlameError(
-                f"Cannot reach Flame at {self.endpoint} within {timeout:g} s. Check that the session "
-                "manager runs and the endpoint is right (FLAME_ENDPOINT, ~/.flame/flame.yaml, or "
-                "`%flame connect ENDPOINT`)."
-            ) from None
+            self._stub.GetApplication(probe, timeout=timeout)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.NOT_FOUND:
+                return  # a Flame that has no such application: the expected answer
+            where = (
+                "Check that the session manager runs and the endpoint is right (FLAME_ENDPOINT, "
+                "~/.flame/flame.yaml, or `%flame connect ENDPOINT`)."
+            )
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                reason = f"no answer within {timeout:g} s"
+            elif code == grpc.StatusCode.UNIMPLEMENTED:
+                reason = "the server there speaks gRPC but is not a Flame session manager"
+                where = "Use the session manager's Frontend endpoint (port 8080 by default)."
+            else:
+                reason = exc.details() or code.name
+                if self.endpoint.startswith("https:") and ("Tls" in reason or "SSL" in reason):
+                    ca = f"the CA file {self.ca_file}" if self.ca_file else "the system's CA certificates"
+                    where = (
+                        f"The TLS handshake failed with {ca}: name the cluster's CA with FLAME_CA_FILE, "
+                        "the context's tls.ca_file, or `%flame connect ENDPOINT --ca-file PATH`."
+                    )
+            raise FlameError(f"Cannot reach Flame at {self.endpoint}: {reason}. {where}") from None
 
     def _call(self, method: str, request: object, what: str) -> object:
         try:
-            return getattr(self._stub, method)(request)
+            return getattr(self._stub, method)(request, timeout=CALL_TIMEOUT_SECONDS)
         except grpc.RpcError as exc:
             raise self._error(exc, what) from None
 
@@ -125,7 +167,9 @@ class FlameClient:
     def get_application(self, name: str) -> types.Application | None:
         """The application, or None when Flame has none by that name."""
         try:
-            return self._stub.GetApplication(frontend.GetApplicationRequest(name=name))
+            return self._stub.GetApplication(
+                frontend.GetApplicationRequest(name=name), timeout=CALL_TIMEOUT_SECONDS
+            )
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 return None
@@ -135,9 +179,27 @@ class FlameClient:
         reply = self._call("ListApplication", frontend.ListApplicationRequest(), "list applications")
         return list(reply.applications)  # type: ignore[attr-defined]
 
+    def list_nodes(self) -> list[types.Node]:
+        """Flame's nodes with their capacity (empty when Flame does not say)."""
+        try:
+            reply = self._stub.ListNodes(frontend.ListNodesRequest(), timeout=CALL_TIMEOUT_SECONDS)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                return []
+            raise self._error(exc, "list nodes") from None
+        return list(reply.nodes)
+
     def register_application(self, name: str, spec: types.ApplicationSpec) -> None:
         request = frontend.RegisterApplicationRequest(name=name, application=spec)
         self._check(self._call("RegisterApplication", request, f"register application {name!r}"))
+
+    def update_application(self, name: str, spec: types.ApplicationSpec) -> None:
+        request = frontend.UpdateApplicationRequest(name=name, application=spec)
+        self._check(self._call("UpdateApplication", request, f"update application {name!r}"))
+
+    def unregister_application(self, name: str) -> None:
+        request = frontend.UnregisterApplicationRequest(name=name)
+        self._check(self._call("UnregisterApplication", request, f"unregister application {name!r}"))
 
     @staticmethod
     def _check(result: object) -> None:
@@ -168,18 +230,56 @@ class FlameClient:
         request = frontend.CreateTaskRequest(task=types.TaskSpec(session_id=session_id, input=task_input))
         return self._call("CreateTask", request, f"create a task in session {session_id!r}")  # type: ignore[return-value]
 
+    def create_tasks(self, session_id: str, inputs: Iterable[bytes], depth: int = 16) -> Iterator[types.Task]:
+        """Create one task per input, yielded in input order, with up to ``depth`` calls in flight."""
+        requests = (
+            frontend.CreateTaskRequest(task=types.TaskSpec(session_id=session_id, input=data))
+            for data in inputs
+        )
+        return self._pipelined("CreateTask", requests, f"create a task in session {session_id!r}", depth)
+
+    def get_tasks(self, session_id: str, task_ids: Iterable[str], depth: int = 16) -> Iterator[types.Task]:
+        """GetTask for each id, yielded in order, with up to ``depth`` calls in flight."""
+        requests = (frontend.GetTaskRequest(task_id=task_id, session_id=session_id) for task_id in task_ids)
+        return self._pipelined("GetTask", requests, f"get the tasks of {session_id!r}", depth)
+
+    def _pipelined(self, method: str, requests: Iterable[object], what: str, depth: int) -> Iterator[Any]:
+        """Results of unary calls made ``depth`` at a time (one at a time would leave Flame idle
+        for a round trip per call)."""
+        stub = getattr(self._stub, method)
+        calls: deque[grpc.Future] = deque()
+        try:
+            for request in requests:
+                calls.append(stub.future(request, timeout=CALL_TIMEOUT_SECONDS))
+                if len(calls) >= depth:
+                    yield self._outcome(calls.popleft(), what)
+            while calls:
+                yield self._outcome(calls.popleft(), what)
+        finally:
+            for call in calls:  # the caller stopped early: what Flame has not received is not done
+                call.cancel()
+
+    def _outcome(self, call: grpc.Future, what: str) -> Any:
+        try:
+            return call.result()
+        except grpc.RpcError as exc:
+            raise self._error(exc, what) from None
+
     def get_task(self, session_id: str, task_id: str) -> types.Task:
         request = frontend.GetTaskRequest(task_id=task_id, session_id=session_id)
         return self._call("GetTask", request, f"get task {task_id} of {session_id!r}")  # type: ignore[return-value]
 
-    def wait_task(self, session_id: str, task_id: str) -> types.Task:
+    def wait_task(self, session_id: str, task_id: str, stop: threading.Event | None = None) -> types.Task:
         """Follow a task to its terminal state and return it, with its events if it failed.
 
         While the task waits, the session's events are checked so that an
         application that cannot start fails the wait instead of hanging it.
+        When ``stop`` is set, the wait ends (within a second) with :class:`WaitStopped`.
         """
         started_ms = int(time.time() * 1000) - 1000
         for attempt in itertools.count():
+            if stop is not None and stop.is_set():
+                raise WaitStopped(f"stopped waiting for task {task_id} of {session_id!r}")
             slice_seconds = WATCH_SLICES_SECONDS[min(attempt, len(WATCH_SLICES_SECONDS) - 1)]
             task = self._watch_slice(session_id, task_id, slice_seconds)
             if task is not None and task.status.state in TERMINAL_TASK_STATES:
@@ -211,9 +311,18 @@ class FlameClient:
         return last
 
     def _raise_if_session_cannot_start(self, session_id: str, since_ms: int) -> None:
-        session = self.get_session(session_id)
+        try:
+            session = self._stub.GetSession(
+                frontend.GetSessionRequest(session_id=session_id), timeout=CALL_TIMEOUT_SECONDS
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise SessionGoneError(
+                    f"Session {session_id!r} was deleted from Flame while its task waited."
+                ) from None
+            raise self._error(exc, f"get session {session_id!r}") from None
         if session.status.state == types.Closed:
-            raise FlameError(f"Session {session_id!r} was closed while its task waited.")
+            raise SessionGoneError(f"Session {session_id!r} was closed while its task waited.")
         failures = [
             event
             for event in session.status.events

@@ -5,11 +5,20 @@ only loaded from peers the user trusts (their own runner, through their own
 Flame), and only after :func:`check_header` has accepted the writer's versions.
 cloudpickle's output loads only under the same Python minor version and the
 same cloudpickle version, which is what the header records.
+
+Large values are pickled with protocol 5's out-of-band buffers (:func:`dumps_oob`): the
+data of numpy arrays, pandas frames and Arrow arrays is not copied into the pickle but
+handed over as buffers, which travel through Flame's object cache as raw bytes and are
+given back to :func:`loads_oob`. The pickle that refers to them travels in a message
+whose header was checked, as any other.
 """
 
 from __future__ import annotations
 
+import pickle
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import cloudpickle
@@ -17,7 +26,8 @@ from google.protobuf.message import DecodeError, Message
 
 from flame_magic.protocol import cell
 
-PROTOCOL_VERSION = 1
+# 2: large values by reference through Flame's object cache (Value.buffers, CellRequest.cache).
+PROTOCOL_VERSION = 2
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 CLOUDPICKLE_VERSION: str = cloudpickle.__version__
 
@@ -100,3 +110,58 @@ def dumps(value: Any) -> bytes:
 def loads(data: bytes) -> Any:
     """Unpickle a value from a payload whose header was checked."""
     return cloudpickle.loads(data)
+
+
+@dataclass
+class Pickled:
+    """A value pickled with out-of-band buffers: the pickle, and the buffers it refers to.
+
+    Attributes
+    ----------
+    pickle
+        The pickle stream, without the buffers' data.
+    buffers
+        Contiguous byte views of the buffers, in the order the pickle expects them; they
+        share memory with the value (nothing was copied).
+    """
+
+    pickle: bytes
+    buffers: list[memoryview] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        """Bytes of the pickle and its buffers together."""
+        return len(self.pickle) + sum(b.nbytes for b in self.buffers)
+
+
+def dumps_oob(value: Any, min_buffer: int) -> Pickled:
+    """Pickle a value, keeping contiguous buffers of ``min_buffer`` bytes or more out of band.
+
+    Smaller or non-contiguous buffers stay in the pickle, so a value without large
+    buffers gives exactly what :func:`dumps` gives.
+    """
+    buffers: list[memoryview] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buffer.raw()
+        except BufferError:  # not contiguous: pickled in band, as a copy
+            return True
+        if raw.nbytes < min_buffer:
+            return True
+        buffers.append(raw)
+        return False  # false: the pickle only records that a buffer goes here
+
+    try:
+        data = cloudpickle.dumps(value, protocol=5, buffer_callback=out_of_band)
+    except Exception as exc:
+        raise UnpicklableError(str(exc) or type(exc).__name__) from exc
+    return Pickled(data, buffers)
+
+
+def loads_oob(data: bytes | memoryview, buffers: Sequence[Any]) -> Any:
+    """Unpickle a value from a checked payload, giving it its out-of-band buffers in order.
+
+    Writable buffers give writable numpy arrays, as in the process that pickled them.
+    """
+    return cloudpickle.loads(data, buffers=buffers)

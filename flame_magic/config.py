@@ -32,11 +32,14 @@ class Target:
         CA certificate for ``https://`` endpoints (system roots when None).
     source
         Where the choice came from, for ``%flame status`` and error messages.
+    context
+        The flame.yaml context it came from, if any (its ``cache`` section applies).
     """
 
     endpoint: str
     ca_file: str | None
     source: str
+    context: str | None = None
 
     @property
     def embedded(self) -> bool:
@@ -77,14 +80,14 @@ def context_target(name: str, path: Path | None = None) -> Target:
     if not endpoint:
         raise ConfigError(f"Context {name!r} in {path} has no cluster.endpoint.")
     ca_file = os.environ.get("FLAME_CA_FILE") or (cluster.get("tls") or {}).get("ca_file")
-    return Target(endpoint=str(endpoint), ca_file=ca_file, source=f"context {name!r} in {path}")
+    return Target(endpoint=str(endpoint), ca_file=ca_file, source=f"context {name!r} in {path}", context=name)
 
 
 def resolve() -> Target:
     """The Flame this notebook should use when the user has not said."""
     endpoint = os.environ.get("FLAME_ENDPOINT")
     if endpoint:
-        return Target(endpoint=endpoint, ca_file=os.environ.get("FLAME_CA_FILE"), source="FLAME_ENDPOINT")
+        return Target(endpoint=endpoint, ca_file=_ca_for_endpoint(), source="FLAME_ENDPOINT")
     path = config_path()
     if path.exists():
         current, _ = read_contexts(path)
@@ -92,3 +95,103 @@ def resolve() -> Target:
             raise ConfigError(f"{path} sets no current-context: set one, or run `%flame connect ENDPOINT`.")
         return context_target(str(current), path)
     return EMBEDDED
+
+
+def target_for(name: str, ca_file: str | None = None) -> Target:
+    """The Flame named by ``%flame connect``: an endpoint (``scheme://...``) or a context name.
+
+    Parameters
+    ----------
+    name
+        ``http://HOST:PORT``, ``https://HOST:PORT``, ``unix:///PATH``, or the name of a
+        context in ``~/.flame/flame.yaml``.
+    ca_file
+        CA certificate for ``https://``; by default ``FLAME_CA_FILE``, then the current
+        context's ``tls.ca_file``, as Flame's own tools do.
+    """
+    if "://" in name or name.startswith("unix:"):
+        return Target(endpoint=name, ca_file=ca_file or _ca_for_endpoint(), source="%flame connect")
+    target = context_target(name)
+    if ca_file:
+        target = Target(endpoint=target.endpoint, ca_file=ca_file, source=target.source)
+    return target
+
+
+def _ca_for_endpoint() -> str | None:
+    """The CA for an endpoint given without a context: FLAME_CA_FILE, else the current context's.
+
+    flamepy keeps the current context's ``tls.ca_file`` when ``FLAME_ENDPOINT`` overrides
+    the endpoint; so do we, so that one configuration serves both.
+    """
+    ca_file = os.environ.get("FLAME_CA_FILE")
+    if ca_file:
+        return ca_file
+    path = config_path()
+    if not path.exists():
+        return None
+    try:
+        current, contexts = read_contexts(path)
+    except ConfigError:
+        return None  # an endpoint was given explicitly: a broken file need not stop it
+    cluster = (contexts.get(str(current)) or {}).get("cluster") or {}
+    return (cluster.get("tls") or {}).get("ca_file")
+
+
+@dataclass(frozen=True)
+class CacheTarget:
+    """Flame's object cache, where values too large for a task travel.
+
+    Attributes
+    ----------
+    endpoint
+        ``grpc://HOST:PORT``, ``grpcs://HOST:PORT`` or ``grpc+unix:///PATH``.
+    ca_file
+        CA certificate for ``grpcs://``.
+    storage
+        The cache's storage directory, when this machine shares it (flamepy's ``cache.storage``):
+        objects are then written and mapped as files instead of streamed.
+    source
+        Where the choice came from.
+    """
+
+    endpoint: str
+    ca_file: str | None
+    storage: str | None
+    source: str
+
+
+def resolve_cache(context: str | None = None) -> CacheTarget | None:
+    """The object cache of a cluster: ``FLAME_CACHE_ENDPOINT``, else the context's ``cache``.
+
+    Parameters
+    ----------
+    context
+        The flame.yaml context the cluster came from; None for the current context (as
+        flamepy does when ``FLAME_ENDPOINT`` names the cluster).
+
+    Returns
+    -------
+    CacheTarget or None
+        None when no cache is configured: Flame's default (``grpc://127.0.0.1:9090``) is not
+        assumed, so that a missing cache is reported as such rather than as unreachable.
+    """
+    section: dict[str, Any] = {}
+    path = config_path()
+    if path.exists():
+        try:
+            current, contexts = read_contexts(path)
+        except ConfigError:
+            current, contexts = None, {}
+        section = (contexts.get(str(context or current)) or {}).get("cache") or {}
+        if not isinstance(section, dict):
+            section = {"endpoint": section} if isinstance(section, str) else {}
+    found = os.environ.get("FLAME_CACHE_STORAGE") or section.get("storage")
+    storage = str(found) if found else None
+    ca_file = (section.get("tls") or {}).get("ca_file") or os.environ.get("FLAME_CA_FILE")
+    endpoint = os.environ.get("FLAME_CACHE_ENDPOINT")
+    if endpoint:
+        return CacheTarget(endpoint, ca_file, storage, "FLAME_CACHE_ENDPOINT")
+    if section.get("endpoint"):
+        where = f"context {context or current!r} in {path}"
+        return CacheTarget(str(section["endpoint"]), ca_file, storage, where)
+    return None

@@ -30,7 +30,7 @@ class RemoteError(Exception):
     def _render_traceback_(self) -> list[str]:
         # IPython shows these lines instead of a local traceback of the magic.
         lines = self.remote_traceback.rstrip("\n").splitlines()
-        return ["Remote traceback (on the Flame runner):", *lines]
+        return ["Remote traceback (on the Flame runner):", *lines, *_notes(self)]
 
 
 @cache
@@ -54,7 +54,29 @@ class CellFailed(Exception):
     """Flame could not run the cell (a dead runner, a session that cannot start...)."""
 
     def _render_traceback_(self) -> list[str]:
-        return [f"CellFailed: {self}"]
+        return [f"CellFailed: {self}", *_notes(self)]
+
+
+class MapInterrupted(KeyboardInterrupt):
+    """A ``%%flmrun --map`` cell was interrupted; the message says what was kept.
+
+    Attributes
+    ----------
+    results
+        The results in input order, ``NOT_DONE`` for items that did not finish.
+    """
+
+    def __init__(self, message: str, results: list[object]) -> None:
+        super().__init__(message)
+        self.results = results
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"KeyboardInterrupt: {self}"]
+
+
+def _notes(exc: BaseException) -> list[str]:
+    # add_note() (Python 3.11+) or a __notes__ list set by hand: shown after the traceback.
+    return [str(note) for note in getattr(exc, "__notes__", ())]
 
 
 class CellSyntaxError(SyntaxError):
@@ -64,3 +86,11 @@ class CellSyntaxError(SyntaxError):
         import traceback
 
         return [line.rstrip("\n") for line in traceback.format_exception_only(SyntaxError, self)]
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)``, also on Python 3.10 (where only our rendering shows it)."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:
+        exc.__notes__ = [*getattr(exc, "__notes__", ()), note]  # type: ignore[attr-defined]

@@ -5,22 +5,28 @@ from __future__ import annotations
 import ast
 import atexit
 import json
+import os
+import reprlib
 import sys
 from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
-from IPython.display import publish_display_data
-from traitlets import Float, Unicode
+from IPython.core.magic_arguments import argument, argument_group, magic_arguments, parse_argstring
+from IPython.display import display, publish_display_data
+from traitlets import Float, Int, Unicode
 
-from flame_magic import codec
+from flame_magic import codec, deploy
+from flame_magic.background import current_parent, follow, output_to
 from flame_magic.capture import ShipError, analyse, pack
-from flame_magic.client import FlameError
-from flame_magic.config import ConfigError, resolve
-from flame_magic.errors import CellFailed, CellSyntaxError, remote_error
+from flame_magic.client import FlameError, SessionGoneError, SessionStartError
+from flame_magic.config import ConfigError, Target, resolve, target_for
+from flame_magic.errors import CellFailed, CellSyntaxError, MapInterrupted, add_note, remote_error
+from flame_magic.fanout import NOT_DONE, MapOutcome, MapRun, item_payloads
+from flame_magic.progress import ProgressDisplay
 from flame_magic.protocol import cell
-from flame_magic.remote import Connection
+from flame_magic.remote import TASK_INPUT_LIMIT, Connection
+from flame_magic.sessions import Plan, RequestError, plan
 
 # The cell body starts on the line after `%%flmrun`, and tracebacks should
 # count lines the way the notebook shows them.
@@ -52,6 +58,11 @@ class FlameMagics(Magics):
         config=True
     )
     connect_timeout = Float(10.0, help="Seconds to wait for the Flame session manager.").tag(config=True)
+    map_instances = Int(
+        0,
+        help="Runner instances for --map when --instances is not given "
+        "(0: one per CPU of this machine on the embedded Flame, 4 on a cluster).",
+    ).tag(config=True)
 
     shell: Any  # the InteractiveShell (traitlets declares it Optional)
 
@@ -66,10 +77,15 @@ class FlameMagics(Magics):
                 target = resolve()
             except ConfigError as exc:
                 raise UsageError(str(exc)) from None
-            self._connection = Connection(target, self.application, self.connect_timeout)
+            self._connection = self._new_connection(target)
         elif self._connection.application != self.application:
             self._connection.use_application(self.application)
         return self._connection
+
+    def _new_connection(self, target: Target) -> Connection:
+        connection = Connection(target, self.application, self.connect_timeout)
+        connection.notify = lambda message: print(f"flmrun: {message}", file=sys.stderr)
+        return connection
 
     def shutdown(self) -> None:
         """Close this notebook's sessions and stop what it started."""
@@ -85,6 +101,38 @@ class FlameMagics(Magics):
     )
     @argument("--no-assign", action="store_true", help="Bring no names back; only show the output.")
     @argument("--timeout", type=float, metavar="SECONDS", help="Stop the cell after this long on the runner.")
+    @argument_group("Map over inputs")
+    @argument(
+        "--map",
+        metavar="ITEM=ITERABLE",
+        help="Run the cell once per element of the notebook's ITERABLE, bound to ITEM, as separate "
+        "Flame tasks on up to --instances runners; the results are the cell's last expression per item, "
+        "in input order.",
+    )
+    @argument("--into", metavar="NAME", help="--map: store the list of results in NAME (default: show it).")
+    @argument(
+        "--return-exceptions",
+        action="store_true",
+        help="--map: put a failed item's exception in its place instead of stopping at the first failure.",
+    )
+    @argument_group("Sessions and resources")
+    @argument(
+        "--session",
+        metavar="NAME",
+        help="Run in the named session: its runners, and what they imported, stay for later cells "
+        "with the same --session (closed by `%%flame close NAME` or with the kernel).",
+    )
+    @argument("--instances", metavar="N", help="Runners working at once (--map, or a new --session).")
+    @argument("--cpu", metavar="N", help="CPUs per runner instance.")
+    @argument("--memory", metavar="SIZE", help="Memory per runner instance: bytes, or 512Mi, 2Gi...")
+    @argument("--gpu", metavar="N", help="GPUs per runner instance.")
+    @argument_group("Background")
+    @argument(
+        "--background",
+        metavar="HANDLE",
+        help="Return at once, with a handle in the notebook variable HANDLE (done(), result(), "
+        "cancel(), await); the output appears in this cell when the cell finishes.",
+    )
     @cell_magic
     def flmrun(self, line: str, cell_source: str) -> Any:
         """Run the cell on a Flame runner instead of the kernel.
@@ -94,6 +142,13 @@ class FlameMagics(Magics):
         reference). What it prints and displays shows here; the names it
         binds come back into the notebook; its last expression is the cell's
         output; an exception is raised here with the remote traceback.
+
+        With ``--map ITEM=ITERABLE`` the cell runs once per item, in parallel,
+        with a progress display; names it binds are not brought back. By
+        default the first failure stops the map and is raised naming the
+        item; with ``--into NAME`` the results that finished are kept there
+        (``NOT_DONE`` for the others, the exception for a failed item), also
+        when the map is interrupted.
 
         Examples
         --------
@@ -105,31 +160,207 @@ class FlameMagics(Magics):
 
             %%flmrun --assign model --timeout 600
             model = train(features, labels)
+
+            %%flmrun --map path=paths --into sizes --instances 8
+            len(open(path, "rb").read())
+
+            %%flmrun --session gpu --gpu 1 --memory 16Gi
+            import torch
+
+            %%flmrun --background job
+            model = train(features, labels)
         """
         args = parse_argstring(self.flmrun, line)
+        plan = self._plan(args)
         filename = f"<flmrun-cell-{self.shell.execution_count}>"
         tree = self._parse(cell_source, filename)
         names = analyse(tree)
+        connection = self.connection()
+        session_id = None
         try:
-            inputs = pack(names.reads, self.shell.user_ns)
-        except ShipError as exc:
+            if plan.private:
+                session_id = connection.open_session(plan.key)
+                shipper = connection.session_shipper(session_id)
+            else:
+                shipper = connection.shipper(plan.key)
+            # Large values go to Flame's object cache now, and travel by reference.
+            reads = [name for name in names.reads if name != plan.item]
+            inputs = pack(reads, self.shell.user_ns, shipper)
+        except (ShipError, RequestError) as exc:
+            self._close_private(session_id)
             raise UsageError(str(exc)) from None
+        except FlameError as exc:
+            self._close_private(session_id)
+            raise CellFailed(str(exc)) from None
         request = cell.CellRequest(
             header=codec.local_header(),
             source=cell_source,
             filename=filename,
             first_line=FIRST_BODY_LINE,
             inputs=inputs,
-            assign=self._names_to_assign(args, names.binds),
+            assign=[] if plan.item else self._names_to_assign(args, names.binds),
             timeout=self.timeout if args.timeout is None else args.timeout,
+            values_only=plan.item is not None,
         )
+        if plan.item is not None:
+            return self._map(plan, request)
+        if plan.background is not None:
+            return self._background(plan, request, session_id)
         try:
-            result = self.connection().run(request)
+            result = self.connection().run(request, plan.key)
         except ShipError as exc:
             raise UsageError(str(exc)) from None
         except FlameError as exc:
             raise CellFailed(str(exc)) from None
         return self._present(result)
+
+    def _plan(self, args: Any) -> Plan:
+        """Check the options of a %%flmrun cell and say where it runs."""
+        connection = self.connection()
+        try:
+            return plan(args, self.shell.user_ns, connection.named, self._default_instances)
+        except RequestError as exc:
+            raise UsageError(str(exc)) from None
+
+    def _default_instances(self) -> int:
+        if self.map_instances > 0:
+            return int(self.map_instances)
+        return (os.cpu_count() or 1) if self.connection().target.embedded else 4
+
+    def _close_private(self, session_id: str | None) -> None:
+        if session_id is not None:
+            self.connection().close_session(session_id)
+
+    def _map(self, plan: Plan, request: cell.CellRequest) -> Any:
+        """Run a --map cell and present its results."""
+        assert plan.item is not None and plan.items is not None
+        if not plan.items:
+            return self._map_results(plan, MapOutcome(results=[]), None)
+        connection = self.connection()
+        try:
+            session_id = connection.session(plan.key)
+            shared = connection.prepare(request, session_id)
+            payloads = item_payloads(shared, plan.item, plan.items, TASK_INPUT_LIMIT)
+            client = connection.client()
+        except (ShipError, RequestError) as exc:
+            raise UsageError(str(exc)) from None
+        except FlameError as exc:
+            raise CellFailed(str(exc)) from None
+        progress = ProgressDisplay(self.shell, f"flmrun --map {plan.item}={plan.source}")
+        run = MapRun(
+            client,
+            session_id,
+            payloads,
+            plan.key.instances,
+            result_of=connection.result_of,
+            value_of=self._value_of,
+            stop_at_failure=not plan.return_exceptions,
+            on_progress=progress.update,
+        )
+        try:
+            outcome = run.run()
+        finally:
+            progress.close()
+        return self._map_results(plan, outcome, session_id)
+
+    def _map_results(self, plan: Plan, outcome: MapOutcome, session_id: str | None) -> Any:
+        for _, result in outcome.outputs:
+            self._show_outputs(result)
+        results = outcome.results
+        if plan.into is not None:
+            self.shell.user_ns[plan.into] = results
+        stopped = (
+            outcome.interrupted
+            or outcome.fatal is not None
+            or (outcome.failure is not None and not plan.return_exceptions)
+        )
+        if not stopped:
+            return None if plan.into is not None else results
+        connection = self.connection()
+        if session_id is not None and plan.key.name is None:
+            # Cancels the items sent but not started, unless one still runs (Flame then refuses).
+            connection.close_session(session_id)
+        done = sum(1 for value in results if value is not NOT_DONE)
+        if plan.into is not None:
+            kept = f"`{plan.into}` holds the {done} results that finished (NOT_DONE for the others)."
+        else:
+            kept = "Use --into NAME to keep the results of the items that finished."
+        left = (
+            f" {outcome.left_running} items sent to Flame may still finish there, unseen."
+            if outcome.left_running
+            else ""
+        )
+        if outcome.fatal is not None:
+            fatal = outcome.fatal
+            if session_id is not None:
+                if isinstance(fatal, SessionStartError):
+                    connection.close_session(session_id)  # its runners cannot start: a new one next time
+                elif isinstance(fatal, SessionGoneError) or connection.session_gone(session_id):
+                    connection.forget(session_id)
+            raise CellFailed(f"{fatal} The map stopped after {done} of {len(results)} items. {kept}")
+        if outcome.interrupted:
+            raise MapInterrupted(
+                f"The map stopped after {done} of {len(results)} items. {kept}{left}", results
+            )
+        assert outcome.failure is not None and plan.items is not None
+        index, error = outcome.failure
+        value = reprlib.Repr()
+        value.maxstring = value.maxother = 60
+        add_note(
+            error,
+            f"Item {index} of {len(results)} failed ({plan.item}={value.repr(plan.items[index])}); the map "
+            f"stopped. {kept}{left}",
+        )
+        raise error
+
+    def _background(self, plan: Plan, request: cell.CellRequest, session_id: str | None) -> None:
+        """Start a --background cell and store its handle in the notebook."""
+        assert plan.background is not None
+        connection = self.connection()
+        try:
+            session_id = session_id or connection.session(plan.key)
+            task = connection.client().create_task(session_id, connection.prepare(request, session_id))
+        except (ShipError, RequestError) as exc:
+            self._close_private(session_id if plan.private else None)
+            raise UsageError(str(exc)) from None
+        except FlameError as exc:
+            self._close_private(session_id if plan.private else None)
+            raise CellFailed(str(exc)) from None
+        parent = current_parent(self.shell)
+        name = plan.background
+
+        def finish(task: Any) -> Any:
+            with output_to(self.shell, parent):
+                try:
+                    value = self._present(connection.result_of(task))
+                except BaseException as exc:
+                    self._show_error(exc)
+                    raise
+                if value is not None:
+                    display(value)
+                return value
+
+        def fail(exc: BaseException) -> BaseException:
+            error = CellFailed(f"{exc} The background cell `{name}` did not run to its end.")
+            with output_to(self.shell, parent):
+                self._show_error(error)
+            return error
+
+        close = (lambda: connection.close_session(session_id)) if plan.private else None
+        if plan.private:
+            connection.labels[session_id] = f"background `{name}`"
+        label = f"{name} (cell {self.shell.execution_count})"
+        self.shell.user_ns[name] = follow(
+            connection.client(), session_id, task.metadata.id, label, finish, fail, close
+        )
+        print(f"flmrun: running in the background; `{name}.result()` or `await {name}` gives its value.")
+
+    @staticmethod
+    def _show_error(exc: BaseException) -> None:
+        render = getattr(exc, "_render_traceback_", None)
+        lines = render() if render is not None else [f"{type(exc).__name__}: {exc}"]
+        sys.stderr.write("\n".join(lines) + "\n")
+        sys.stderr.flush()
 
     def _parse(self, source: str, filename: str) -> ast.Module:
         try:
@@ -168,17 +399,10 @@ class FlameMagics(Magics):
         return wanted
 
     def _present(self, result: cell.CellResult) -> Any:
-        for output in result.outputs:
-            if output.HasField("stream"):
-                stream = sys.stderr if output.stream.name == "stderr" else sys.stdout
-                stream.write(output.stream.text)
-                stream.flush()
-            else:
-                display = output.display
-                publish_display_data(json.loads(display.data_json), json.loads(display.metadata_json or "{}"))
+        self._show_outputs(result)
         for value in result.assigned:
             try:
-                self.shell.user_ns[value.name] = codec.loads(value.pickle)
+                self.shell.user_ns[value.name] = self.connection().load(value)
             except Exception as exc:
                 print(
                     f"flmrun: `{value.name}` could not be brought back into the notebook: "
@@ -190,25 +414,66 @@ class FlameMagics(Magics):
         if result.HasField("error"):
             error = result.error
             raise remote_error(error.ename, error.evalue, error.traceback)
-        if not result.HasField("result"):
+        return self._value_of(result)
+
+    @staticmethod
+    def _show_outputs(result: cell.CellResult) -> None:
+        """What the cell printed and displayed, in order."""
+        for output in result.outputs:
+            if output.HasField("stream"):
+                stream = sys.stderr if output.stream.name == "stderr" else sys.stdout
+                stream.write(output.stream.text)
+                stream.flush()
+            else:
+                bundle = output.display
+                publish_display_data(json.loads(bundle.data_json), json.loads(bundle.metadata_json or "{}"))
+
+    def _value_of(self, result: cell.CellResult) -> Any:
+        """The cell's last value: unpickled, else as the runner showed it; None if there is none."""
+        has_value = result.HasField("result_pickle") or result.HasField("result_value")
+        if not result.HasField("result") and not has_value:
             return None
-        if result.HasField("result_pickle"):
+        if has_value:
             try:
+                if result.HasField("result_value"):
+                    return self.connection().load(result.result_value)
                 return codec.loads(result.result_pickle)
-            except Exception:
-                pass  # e.g. its library is not installed here: show the runner's rendering
+            except Exception as exc:
+                if not result.HasField("result"):  # a --map item: the runner made no rendering
+                    text = f"<value that cannot be loaded here: {type(exc).__name__}: {exc}>"
+                    return RemoteRepr(cell.MimeBundle(data_json=json.dumps({"text/plain": text})))
+                # e.g. its library is not installed here: show the runner's rendering
         return RemoteRepr(result.result)
 
     @magic_arguments()
     @argument(
         "action",
-        choices=["status", "close"],
-        help="status: show the Flame in use and sessions; "
-        "close: close this notebook's sessions (runners stop; the next cell starts afresh).",
+        choices=["status", "close", "connect", "deploy"],
+        help="status: show the Flame in use, its applications and this notebook's sessions; "
+        "close: close this notebook's sessions (runners stop; the next cell starts afresh); "
+        "connect: use another Flame; deploy: register flame-magic's runner on Flame and use it.",
     )
+    @argument(
+        "target",
+        nargs="?",
+        metavar="ENDPOINT|CONTEXT",
+        help="connect: http(s)://HOST:PORT or a context of ~/.flame/flame.yaml "
+        "(none: back to FLAME_ENDPOINT, the current context, or the embedded Flame); "
+        "close: the NAME of a session (%%flmrun --session NAME) to close only it.",
+    )
+    @argument("--ca-file", metavar="PATH", help="connect: CA certificate for https:// endpoints.")
+    @argument("--name", metavar="NAME", help=f"deploy: application name (default: {deploy.DEFAULT_NAME}).")
+    @argument(
+        "--url",
+        metavar="URL",
+        help="deploy: file:///DIR/ (a directory every executor reads at the same path: the runner "
+        "package is built into it and installed by Flame), or the url of a package built before.",
+    )
+    @argument("--installed", action="store_true", help="deploy: flame-magic is installed on the executors.")
+    @argument("--python", metavar="PATH", help="deploy --installed: the executors' Python (python3.X).")
     @line_magic
     def flame(self, line: str) -> None:
-        """Show the Flame this notebook uses, or close its sessions.
+        """Show or choose the Flame this notebook uses, close its sessions, or deploy the runner.
 
         Examples
         --------
@@ -216,24 +481,114 @@ class FlameMagics(Magics):
 
             %flame status
             %flame close
+            %flame close train
+            %flame connect https://flame.example.org:8080 --ca-file /etc/flame/ca.crt
+            %flame connect production
+            %flame connect
+            %flame deploy --url file:///shared/flame/packages/
+            %flame deploy --installed --python /opt/venv/bin/python
         """
         args = parse_argstring(self.flame, line)
-        connection = self.connection()
-        if args.action == "close":
-            closed = connection.close_sessions()
-            print(f"Closed {len(closed)} session(s): {', '.join(closed)}" if closed else "No open sessions.")
+        misplaced = {
+            "connect": bool((args.target and args.action != "close") or args.ca_file),
+            "deploy": bool(args.name or args.url or args.installed or args.python),
+        }
+        for action, given in misplaced.items():
+            if given and args.action != action:
+                raise UsageError(f"`%flame {args.action}` takes none of the options of `%flame {action}`.")
+        try:
+            if args.action == "connect":
+                self._connect(args.target, args.ca_file)
+            elif args.action == "deploy":
+                self._deploy(args)
+            elif args.action == "close":
+                self._close(args.target)
+            else:
+                self._status()
+        except ConfigError as exc:
+            raise UsageError(str(exc)) from None
+        except FlameError as exc:
+            raise CellFailed(str(exc)) from None
+
+    def _close(self, name: str | None = None) -> None:
+        if name is not None:
+            connection = self.connection()
+            key = connection.named(name)
+            if key is None:
+                raise UsageError(f"This notebook has no open session named {name!r} (see `%flame status`).")
+            session_id = connection.session(key)
+            if connection.close_session(session_id):
+                print(f"Closed session {name!r} ({session_id}).")
+            else:
+                print(f"Flame keeps session {name!r} ({session_id}) open while a task runs; close it later.")
             return
+        closed = self.connection().close_sessions()
+        print(f"Closed {len(closed)} session(s): {', '.join(closed)}" if closed else "No open sessions.")
+
+    def _connect(self, name: str | None, ca_file: str | None) -> None:
+        target = target_for(name, ca_file) if name else resolve()
+        connection = self._new_connection(target)
+        try:
+            connection.client()  # fails here, naming the endpoint, if Flame cannot be reached
+        except BaseException:
+            connection.shutdown()
+            raise
+        if self._connection is not None:
+            self._connection.shutdown()
+        self._connection = connection
+        print(f"Connected to Flame at {connection.endpoint} [{target.source}].")
+        self._show_applications(connection)
+
+    def _deploy(self, args: Any) -> None:
+        connection = self.connection()
+        client = connection.client()
+        name = args.name or deploy.DEFAULT_NAME
+        try:
+            spec = deploy.choose_spec(
+                url=args.url,
+                installed=args.installed,
+                python=args.python,
+                embedded=connection.target.embedded,
+            )
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        if connection.application == name:
+            connection.close_sessions()  # Flame updates only an application without open sessions
+        done = deploy.deploy(client, name, spec)
+        self.application = name
+        connection.use_application(name)
+        command = " ".join([done.spec.command, *done.spec.arguments])
+        where = f", installed from {done.spec.url}" if done.spec.url else ""
+        print(
+            f"Application {name!r} {done.action} on Flame at {client.endpoint}: `{command}`{where}. "
+            f"This notebook now uses it (FlameMagics.application = {name!r})."
+        )
+
+    def _status(self) -> None:
+        connection = self.connection()
         print(f"Flame: {connection.endpoint or '(embedded, not started yet)'} [{connection.target.source}]")
+        if connection.endpoint:
+            self._show_applications(connection)
         print(f"Application: {connection.application}")
         sessions = connection.sessions()
         if not sessions:
             print("Sessions: none yet")
         for info in sessions:
+            label = f" [{info.label}]" if info.label else ""
             print(
-                f"Session {info.session_id} ({info.application}, {info.state}): "
+                f"Session {info.session_id}{label} ({info.application}, {info.state}): "
                 f"{info.pending} pending, {info.running} running, {info.succeed} succeeded, "
                 f"{info.failed} failed, {info.cancelled} cancelled"
             )
+
+    @staticmethod
+    def _show_applications(connection: Connection) -> None:
+        applications = connection.applications()
+        print(f"Applications: {', '.join(deploy.describe(a) for a in applications) or 'none'}")
+        mine = next((a for a in applications if a.metadata.name == connection.application), None)
+        problem = deploy.check_application(mine, connection.application, connection.endpoint)
+        if problem:
+            print(problem)
 
 
 def load(ip: Any) -> None:

@@ -1,22 +1,35 @@
 """A notebook's link to Flame: which Flame, which session, and running one cell there.
 
-This is the engine behind the magics. It knows Flame (through the client) and
-the envelope (through the codec); it does not present anything.
+This is the engine behind the magics. It knows Flame (through the client), the
+envelope (through the codec) and Flame's object cache, through which large values
+travel (through the shippers of :mod:`flame_magic.transfer`); it does not present anything.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from flame_magic import codec
+from flame_magic.cache import CacheClient, CacheError, ObjectRef
 from flame_magic.capture import ShipError, check_size
-from flame_magic.client import FlameClient, FlameError, SessionStartError, failure_message, new_session_id
-from flame_magic.config import Target
+from flame_magic.client import (
+    FlameClient,
+    FlameError,
+    SessionGoneError,
+    SessionStartError,
+    failure_message,
+    new_session_id,
+)
+from flame_magic.config import Target, resolve_cache
+from flame_magic.deploy import check_application
 from flame_magic.errors import CellFailed
 from flame_magic.protocol import MAX_MESSAGE_BYTES, cell, types
+from flame_magic.sessions import DEFAULT, RequestError, SessionKey, fits
+from flame_magic.transfer import Shipper, blobs
 
 if TYPE_CHECKING:
     from flame_magic.embedded import EmbeddedFlame
@@ -38,6 +51,7 @@ class SessionInfo:
     succeed: int
     failed: int
     cancelled: int
+    label: str = ""  # e.g. "named 'train', up to 4 instances"; empty for the default session
 
 
 class Connection:
@@ -61,13 +75,22 @@ class Connection:
         self._embedded: EmbeddedFlame | None = None
         self._client: FlameClient | None = None
         self._session_id: str | None = None
+        # Sessions other than the default one, by what they were opened for (--session, --map...).
+        self._keyed: dict[SessionKey, str] = {}
         self.session_ids: list[str] = []
+        self.labels: dict[str, str] = {}
+        self._cache: CacheClient | None = None
+        self._cache_resolved = False
+        self._shippers: dict[str, Shipper] = {}  # by session id: what each session stored
+        #: Called with a note for the user (the magics print it), e.g. when a session was replaced.
+        self.notify: Callable[[str], None] = lambda message: None
 
     def use_application(self, application: str) -> None:
         """Run the next cells on another application, in a new session."""
         with self._lock:
             self.application = application
             self._session_id = None
+            self._keyed.clear()
 
     @property
     def endpoint(self) -> str:
@@ -93,52 +116,205 @@ class Connection:
                 self._client = client
             return self._client
 
-    def session(self) -> str:
-        """This notebook's open session of the application, opened on first use."""
+    def cache(self) -> CacheClient | None:
+        """Flame's object cache, if this Flame has one (the embedded Flame has its own)."""
         with self._lock:
-            if self._session_id is None:
-                client = self.client()
-                if client.get_application(self.application) is None:
-                    raise FlameError(
-                        f"Flame at {client.endpoint} has no application {self.application!r}. Register "
-                        "flame-magic's runner there (README: 'Running on a Flame cluster'), or choose "
-                        "another with `%config FlameMagics.application = 'NAME'`."
-                    )
-                session_id = new_session_id(self.application)
-                spec = types.SessionSpec(
-                    application=self.application,
-                    common_data=codec.encode(cell.SessionHello(header=codec.local_header())),
-                    # One warm runner keeps the notebook's remote state (imports) between cells.
-                    min_instances=1,
-                    max_instances=1,
-                    batch_size=1,
-                )
-                client.open_session(session_id, spec)
-                self._session_id = session_id
-                self.session_ids.append(session_id)
-            return self._session_id
+            if not self._cache_resolved:
+                self.client()  # the embedded Flame says where its cache is once started
+                if self._embedded is not None:
+                    endpoint = self._embedded.cache_endpoint
+                    if endpoint:
+                        self._cache = CacheClient(endpoint, storage=self._embedded.cache_storage)
+                else:
+                    found = resolve_cache(self.target.context)
+                    if found is not None:
+                        self._cache = CacheClient(found.endpoint, found.ca_file, found.storage)
+                self._cache_resolved = True
+            return self._cache
 
-    def run(self, request: cell.CellRequest) -> cell.CellResult:
-        """Run one cell as a task of this notebook's session and return its result."""
+    def shipper(self, key: SessionKey = DEFAULT) -> Shipper:
+        """How values reach the session for ``key``: large ones by reference through the cache.
+
+        With a cache, the session is opened now: the values are stored under its name.
+        """
+        if self.cache() is None:
+            return Shipper(None, None)
+        return self._shipper_for(self.session(key))
+
+    def _shipper_for(self, session_id: str) -> Shipper:
+        with self._lock:
+            if session_id not in self._shippers:
+                self._shippers[session_id] = Shipper(self.cache(), f"{self.application}/{session_id}")
+            return self._shippers[session_id]
+
+    def load(self, value: cell.Value) -> Any:
+        """A value the runner sent back, fetched from the object cache if it came by reference.
+
+        Raises
+        ------
+        CacheError
+            If the cache does not give its data.
+        """
+        found = blobs([value])
+        if not found:
+            return codec.loads(value.pickle)
+        prefix = ObjectRef.decode(found[0].refs[0]).key.rsplit("/", 1)[0]
+        with self._lock:
+            shipper = next((s for s in self._shippers.values() if s.key_prefix == prefix), None)
+        # The session's shipper remembers the blobs: sent back unchanged, they are not stored again.
+        return (shipper or Shipper(self.cache(), None)).load(value)
+
+    def _delete_objects(self, session_id: str) -> None:
+        """Delete what a closed session left in the object cache (both sides' values)."""
+        with self._lock:
+            shipper = self._shippers.pop(session_id, None)
+        if shipper is not None and shipper.enabled:
+            try:
+                shipper.delete_all()
+            except CacheError as exc:
+                self.notify(f"the values of session {session_id} stay in Flame's object cache: {exc}")
+
+    def session(self, key: SessionKey = DEFAULT) -> str:
+        """This notebook's open session for ``key``, opened on first use and then reused.
+
+        The default key is the notebook's own session: one warm runner that keeps the
+        notebook's remote state (imports) between cells.
+        """
+        with self._lock:
+            if key == DEFAULT:
+                if self._session_id is None:
+                    self._session_id = self.open_session(key)
+                return self._session_id
+            if key not in self._keyed:
+                self._keyed[key] = self.open_session(key)
+            return self._keyed[key]
+
+    def open_session(self, key: SessionKey) -> str:
+        """Open a new Flame session as ``key`` describes (not remembered for reuse: see :meth:`session`).
+
+        Raises
+        ------
+        RequestError
+            If no node of this Flame can hold one instance with the resources asked for.
+        """
+        client = self.client()
+        application = client.get_application(self.application)
+        problem = check_application(application, self.application, client.endpoint)
+        if problem:
+            raise FlameError(problem)
+        if key.resources.given:
+            too_big = fits(key.resources, client.list_nodes())
+            if too_big:
+                raise RequestError(too_big)
+        prefix = self.application if key.name is None else f"{self.application}-{key.name}"
+        session_id = new_session_id(prefix)
+        hello = codec.encode(cell.SessionHello(header=codec.local_header()))
+        client.open_session(session_id, key.spec(self.application, hello))
+        with self._lock:
+            self.session_ids.append(session_id)
+            if key.label():
+                self.labels[session_id] = key.label()
+        return session_id
+
+    def named(self, name: str) -> SessionKey | None:
+        """The key of the open named session ``name``, if this notebook has one."""
+        with self._lock:
+            return next((key for key in self._keyed if key.name == name), None)
+
+    def close_session(self, session_id: str) -> bool:
+        """Close one of this notebook's sessions now (pending tasks are cancelled).
+
+        Returns False, and the session stays in use, when Flame refuses: a task still runs.
+        """
+        try:
+            self.client().close_session(session_id)
+        except FlameError:
+            if not self._session_gone(session_id):
+                return False
+        self.forget(session_id)
+        self._delete_objects(session_id)
+        return True
+
+    def forget(self, session_id: str) -> None:
+        """Stop reusing a session (closed, gone, or being closed): the next cell opens a new one."""
+        with self._lock:
+            if self._session_id == session_id:
+                self._session_id = None
+            for key in [k for k, v in self._keyed.items() if v == session_id]:
+                del self._keyed[key]
+
+    def run(self, request: cell.CellRequest, key: SessionKey = DEFAULT) -> cell.CellResult:
+        """Run one cell as a task of this notebook's session for ``key`` and return its result.
+
+        Values in ``request`` that travel by reference were stored by :meth:`shipper` for the
+        same ``key``; the runner is told to send large results back the same way.
+        """
+        client = self.client()
+        if self.cache() is None:  # refused before a session (and a runner) is started for it
+            check_size(request, TASK_INPUT_LIMIT, no_cache=True)
+        session_id = self.session(key)
+        self._allow_cache(request, session_id)
         check_size(request, TASK_INPUT_LIMIT)
         data = codec.encode(request)
-        client = self.client()
-        session_id = self.session()
         try:
             task = client.create_task(session_id, data)
         except FlameError:
             if not self._session_gone(session_id):
                 raise
-            self._session_id = None  # closed behind our back: a fresh one, once
-            session_id = self.session()
+            self.forget(session_id)  # closed behind our back: a fresh one, once
+            gone = session_id
+            session_id = self.session(key)
+            self._allow_cache(request, session_id)
+            data = codec.encode(request)
+            self.notify(
+                f"Session {gone} was closed or deleted outside this notebook (flmctl, an administrator, "
+                f"or a Flame restart); this cell runs in a new session, {session_id}: what earlier "
+                "cells left on the runner (imports, definitions) is gone."
+            )
             task = client.create_task(session_id, data)
         try:
             task = client.wait_task(session_id, task.metadata.id)
         except SessionStartError as exc:
             self._abandon(session_id)
             raise CellFailed(
-                f"{exc}. The session was closed; fix the runner's environment and run the cell again."
+                f"{exc}. The session was closed. If {self.application!r} is not flame-magic's runner "
+                "with this notebook's flame-magic, Python and cloudpickle versions, run `%flame deploy` "
+                "to register one and switch to it; otherwise fix the runner's environment and run the "
+                "cell again."
             ) from None
+        except SessionGoneError as exc:
+            self.forget(session_id)
+            raise CellFailed(f"{exc} Run the cell again: a new session starts.") from None
+        return self._result(task)
+
+    def session_shipper(self, session_id: str) -> Shipper:
+        """How values reach ``session_id`` (a session opened with :meth:`open_session`)."""
+        if self.cache() is None:
+            return Shipper(None, None)
+        return self._shipper_for(session_id)
+
+    def prepare(self, request: cell.CellRequest, session_id: str) -> bytes:
+        """``request`` readied for ``session_id`` (large results through the cache) and encoded.
+
+        Raises
+        ------
+        ShipError
+            If it is over Flame's task limit.
+        """
+        self._allow_cache(request, session_id)
+        check_size(request, TASK_INPUT_LIMIT)
+        return codec.encode(request)
+
+    def _allow_cache(self, request: cell.CellRequest, session_id: str) -> None:
+        """Let the runner put large results in the cache, under the session's key prefix."""
+        access = self._shipper_for(session_id).access()
+        if access is None:
+            request.ClearField("cache")
+        else:
+            request.cache.CopyFrom(access)
+
+    def result_of(self, task: types.Task) -> cell.CellResult:
+        """A finished task's CellResult; CellFailed when the runner gave none (died, cancelled)."""
         return self._result(task)
 
     def _result(self, task: types.Task) -> cell.CellResult:
@@ -159,6 +335,10 @@ class Connection:
             "(imports, definitions) is gone: the next cell starts on a fresh runner."
         )
 
+    def session_gone(self, session_id: str) -> bool:
+        """Whether Flame closed or forgot the session (or cannot say)."""
+        return self._session_gone(session_id)
+
     def _session_gone(self, session_id: str) -> bool:
         try:
             return self.client().get_session(session_id).status.state == types.Closed
@@ -166,11 +346,16 @@ class Connection:
             return True
 
     def _abandon(self, session_id: str) -> None:
-        self._session_id = None
+        self.forget(session_id)
         try:
             self.client().close_session(session_id)
         except FlameError:
             pass
+        self._delete_objects(session_id)
+
+    def applications(self) -> list[types.Application]:
+        """The applications registered on Flame (connecting first)."""
+        return self.client().list_applications()
 
     def sessions(self) -> list[SessionInfo]:
         """This notebook's sessions as Flame reports them."""
@@ -191,6 +376,7 @@ class Connection:
                         succeed=status.succeed,
                         failed=status.failed,
                         cancelled=status.cancelled,
+                        label=self.labels.get(session.metadata.id, ""),
                     )
                 )
         return infos
@@ -204,8 +390,12 @@ class Connection:
                     self._client.close_session(info.session_id)  # type: ignore[union-attr]
                     closed.append(info.session_id)
                 except FlameError:
-                    pass  # closed meanwhile, or a task still runs: Flame keeps it open
-        self._session_id = None
+                    continue  # closed meanwhile, or a task still runs: Flame keeps it open
+            if info.state == "Open" or info.session_id in self._shippers:
+                self._delete_objects(info.session_id)
+        with self._lock:
+            self._session_id = None
+            self._keyed.clear()
         return closed
 
     def shutdown(self) -> None:
@@ -213,10 +403,15 @@ class Connection:
         with self._lock:
             try:
                 self.close_sessions()
+            except FlameError:
+                pass  # Flame is gone or unreachable: nothing there to close, nothing to wait for
             finally:
                 if self._client is not None:
                     self._client.close()
                     self._client = None
+                if self._cache is not None:
+                    self._cache.close()
+                self._cache, self._cache_resolved = None, False
                 if self._embedded is not None:
                     self._embedded.stop()
                     self._embedded = None

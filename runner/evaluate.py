@@ -24,7 +24,10 @@ Capturing ``display()``
     appear among the cell's variables.
 
 Size
-    Flame carries a task's output in one gRPC message of at most 4 MiB. :func:`fit_to_limit`
+    Flame carries a task's output in one gRPC message of at most 4 MiB. When the notebook
+    reads Flame's object cache (``CellRequest.cache``), large values (the last expression's,
+    assigned ones) go back through it by reference, like the notebook's large inputs come
+    (:mod:`flame_magic.transfer`). Otherwise, or if the cache fails, :func:`fit_to_limit`
     shrinks a result that would not fit: first the pickled value of the last expression,
     then the largest assigned values, then the tail of the printed text, then rich
     displays, each with a note saying what was left out.
@@ -39,6 +42,7 @@ import builtins
 import io
 import json
 import linecache
+import os
 import signal
 import sys
 import threading
@@ -50,7 +54,12 @@ from contextlib import contextmanager
 from typing import Any, TextIO
 
 from flame_magic import codec
+from flame_magic.cache import CacheClient, CacheError
 from flame_magic.protocol import MAX_MESSAGE_BYTES, cell
+from flame_magic.transfer import CACHE_HINT, RUNNER_SIDE, Outgoing, Shipper
+
+# Bytes of assigned values a result may carry inline; the rest goes through the object cache.
+INLINE_BUDGET = 3 * 1024 * 1024
 
 # Room for the TaskResult around the CellResult (return code, failure message).
 RESULT_LIMIT = MAX_MESSAGE_BYTES - 64 * 1024
@@ -175,8 +184,12 @@ class Evaluator:
         self._publisher: Any = None
         self._own_shell = False
         self._future_flags = 0  # `from __future__ import ...` in a cell lasts, as in IPython
+        self._compiled: tuple[tuple[str, str, int, int], tuple[Any, Any, bool]] | None = None
         self._stdout = _Stream("stdout", sys.stdout)
         self._stderr = _Stream("stderr", sys.stderr)
+        self._caches: dict[str, CacheClient] = {}
+        self._shippers: dict[tuple[str, str], Shipper] = {}
+        self._shipper = Shipper(None, None, RUNNER_SIDE)  # the running cell's
         sys.modules["__main__"] = self.module
 
     def prepare(self) -> None:
@@ -229,6 +242,8 @@ class Evaluator:
         self.prepare()
         result = cell.CellResult(header=codec.local_header())
         recorder = _Recorder(RESULT_LIMIT)
+        self._shipper = self.shipper(request.cache if request.HasField("cache") else None)
+        self._shipper.new_request()
         with self._capture(recorder):
             self._run(request, result)
         for item in recorder.items:
@@ -237,8 +252,29 @@ class Evaluator:
                 result.outputs.add(stream=cell.Stream(name=name, text=_clean("".join(parts))))
             else:
                 result.outputs.add(display=item)
-        fit_to_limit(result, RESULT_LIMIT, dropped=recorder.dropped)
+        fit_to_limit(result, RESULT_LIMIT, dropped=recorder.dropped, cache=self._shipper.enabled)
+        self._shipper.evict()
         return result
+
+    def shipper(self, access: cell.CacheAccess | None) -> Shipper:
+        """How values travel for a cell: through the object cache when the notebook reads it.
+
+        The cache is the one Flame gave this process (``FLAME_CACHE_ENDPOINT``, and its
+        storage in ``FLAME_CACHE_STORAGE`` when shared), else the one the notebook names.
+        """
+        endpoint = os.environ.get("FLAME_CACHE_ENDPOINT") or (access.endpoint if access else "")
+        if not endpoint:
+            return Shipper(None, None, RUNNER_SIDE)
+        prefix = access.key_prefix if access else ""
+        if (endpoint, prefix) not in self._shippers:
+            if endpoint not in self._caches:
+                storage = (
+                    os.environ.get("FLAME_CACHE_STORAGE") if os.environ.get("FLAME_CACHE_ENDPOINT") else None
+                )
+                self._caches[endpoint] = CacheClient(endpoint, os.environ.get("FLAME_CA_FILE"), storage)
+            # Without a prefix the notebook cannot read the cache: values come in, none go out.
+            self._shippers[(endpoint, prefix)] = Shipper(self._caches[endpoint], prefix or None, RUNNER_SIDE)
+        return self._shippers[(endpoint, prefix)]
 
     @contextmanager
     def _capture(self, recorder: _Recorder) -> Iterator[None]:
@@ -274,14 +310,14 @@ class Evaluator:
             result.error.CopyFrom(remote_exception(exc, filename))
         else:
             if value is not None and not quiet:
-                self._set_result(result, value)
+                self._set_result(result, value, values_only=request.values_only)
         self._return_assigned(assign, before, loaded.keys(), result)
 
     def _load_inputs(self, inputs: Iterable[cell.Value], result: cell.CellResult) -> dict[str, Any] | None:
         loaded: dict[str, Any] = {}
         for value in inputs:
             try:
-                loaded[value.name] = codec.loads(value.pickle)
+                loaded[value.name] = self._shipper.load(value)
             except BaseException as exc:  # noqa: B036 - unpickling runs arbitrary code
                 result.error.CopyFrom(_input_error(value.name, exc))
                 return None
@@ -294,6 +330,12 @@ class Evaluator:
         # Tracebacks through this cell's code, now or from a later cell, read its lines here;
         # mtime None keeps linecache.checkcache from discarding the entry.
         linecache.cache[filename] = (len(source), None, ["\n"] * offset + lines, filename)
+        key = (source, filename, first_line, self._future_flags)
+        if self._compiled is not None and self._compiled[0] == key:
+            # A --map runs one cell once per item: parse and compile it once.
+            body, tail, quiet = self._compiled[1]
+            exec(body, self.namespace)
+            return (None if tail is None else eval(tail, self.namespace)), quiet
         try:
             tree = ast.parse(source, filename, "exec")
         except SyntaxError as exc:
@@ -317,12 +359,25 @@ class Evaluator:
         if last is not None:
             ast.increment_lineno(last, offset)
             tail = compile(last, filename, "eval", flags=self._future_flags, dont_inherit=True)
+        self._compiled = ((source, filename, first_line, self._future_flags), (body, tail, quiet))
         exec(body, self.namespace)
         if tail is None:
             return None, quiet
         return eval(tail, self.namespace), quiet
 
-    def _set_result(self, result: cell.CellResult, value: Any) -> None:
+    def _set_result(self, result: cell.CellResult, value: Any, values_only: bool = False) -> None:
+        """The last value: its representation (as Jupyter shows it) and the value itself.
+
+        With ``values_only`` (a --map item) the representation, which costs more than the
+        pickle of most values, is made only for a value that cannot travel.
+        """
+        if not values_only:
+            self._set_representation(result, value)
+        self._set_value(result, value)
+        if values_only and not (result.HasField("result_pickle") or result.HasField("result_value")):
+            self._set_representation(result, value)
+
+    def _set_representation(self, result: cell.CellResult, value: Any) -> None:
         try:
             data, metadata = self._shell.display_formatter.format(value)
         except Exception:
@@ -332,12 +387,22 @@ class Evaluator:
             if "text/plain" not in data:
                 data["text/plain"] = _safe_repr(value)
             result.result.CopyFrom(mime_bundle(data, metadata))
+
+    def _set_value(self, result: cell.CellResult, value: Any) -> None:
         try:
-            pickled = codec.dumps(value)
+            pickled = self._shipper.pickle(value)
         except Exception:
             return  # the repr still shows
-        if len(pickled) <= RESULT_LIMIT:
-            result.result_pickle = pickled
+        if self._shipper.enabled:
+            try:
+                shipped = self._shipper.ship("", pickled)
+            except CacheError:
+                return  # the repr still shows
+            if shipped.buffers or shipped.HasField("cached_pickle"):
+                result.result_value.CopyFrom(shipped)
+                return
+        if len(pickled.pickle) <= RESULT_LIMIT and not pickled.buffers:
+            result.result_pickle = pickled.pickle
 
     def _return_assigned(
         self,
@@ -350,22 +415,29 @@ class Evaluator:
         # input (`x += [1]` keeps the object). A value left over from an earlier cell that
         # this one did not touch is not sent back over the notebook's newer value.
         inputs = set(inputs)
+        outgoing = []
         for name in names:
             value = self.namespace.get(name, _MISSING)
             if value is _MISSING or (value is before[name] and name not in inputs):
                 continue
             try:
-                data = codec.dumps(value)
+                pickled = self._shipper.pickle(value)
             except codec.UnpicklableError as exc:
                 result.not_returned.add(name=name, reason=_clean(str(exc)))
                 continue
             except BaseException as exc:  # noqa: B036 - a reducer may raise anything
                 result.not_returned.add(name=name, reason=_clean(f"{_ename(exc)}: {_str(exc)}"))
                 continue
-            if len(data) > RESULT_LIMIT:
-                result.not_returned.add(name=name, reason=_too_large(len(data), alone=True))
+            if not self._shipper.enabled and len(pickled.pickle) > RESULT_LIMIT:
+                result.not_returned.add(name=name, reason=_too_large(len(pickled.pickle), alone=True))
             else:
-                result.assigned.add(name=name, pickle=data)
+                outgoing.append(Outgoing(name, pickled))
+        try:
+            result.assigned.extend(self._shipper.ship_all(outgoing, INLINE_BUDGET))
+        except CacheError as exc:
+            reason = _clean(f"Flame's object cache could not take it: {exc}")
+            for item in outgoing:
+                result.not_returned.add(name=item.name, reason=reason)
 
 
 @contextmanager
@@ -445,7 +517,9 @@ def _json_default(value: Any) -> Any:
     return _safe_repr(value)
 
 
-def fit_to_limit(result: cell.CellResult, limit: int = RESULT_LIMIT, dropped: int = 0) -> None:
+def fit_to_limit(
+    result: cell.CellResult, limit: int = RESULT_LIMIT, dropped: int = 0, cache: bool = False
+) -> None:
     """Shrink ``result`` until its encoding fits in ``limit`` bytes.
 
     In order: drop the last expression's pickle (its repr still shows), then the largest
@@ -461,6 +535,9 @@ def fit_to_limit(result: cell.CellResult, limit: int = RESULT_LIMIT, dropped: in
         Maximum encoded size in bytes.
     dropped
         Bytes of printed text already left out while recording.
+    cache
+        Whether large values could have gone through the object cache (the notes then do
+        not suggest configuring one).
     """
     reserve = _NOTICE_ROOM if dropped else 0
     if result.ByteSize() + reserve > limit:
@@ -469,7 +546,8 @@ def fit_to_limit(result: cell.CellResult, limit: int = RESULT_LIMIT, dropped: in
         index = max(range(len(result.assigned)), key=lambda i: len(result.assigned[i].pickle))
         value = result.assigned[index]
         alone = len(value.pickle) + _NOTICE_ROOM > limit
-        result.not_returned.add(name=value.name, reason=_too_large(len(value.pickle), alone=alone))
+        reason = _too_large(len(value.pickle), alone=alone, cache=cache)
+        result.not_returned.add(name=value.name, reason=reason)
         del result.assigned[index]
     excess = result.ByteSize() + _NOTICE_ROOM - limit
     if excess > 0:
@@ -493,8 +571,10 @@ def fit_to_limit(result: cell.CellResult, limit: int = RESULT_LIMIT, dropped: in
 _OVER = "over Flame's 4 MiB task limit"
 
 
-def _too_large(size: int, *, alone: bool) -> str:
+def _too_large(size: int, *, alone: bool, cache: bool = False) -> str:
     where = "it is still defined in this session's runner, for later %%flmrun cells"
+    if not cache:
+        where += f"; to bring large values back, {CACHE_HINT}"
     if alone:
         return f"{_mib(size)} is {_OVER}; {where}"
     return f"{_mib(size)} did not fit in Flame's 4 MiB task limit with the cell's other results; {where}"

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66lame_magic/_proto/cell.proto\x12\x0e\x66lame_magic.v1\"?\n\x06Header\x12\x10\n\x08protocol\x18\x01 \x01(\r\x12\x0e\n\x06python\x18\x02 \x01(\t\x12\x13\n\x0b\x63loudpickle\x18\x03 \x01(\t\"6\n\x0cSessionHello\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.flame_magic.v1.Header\"%\n\x05Value\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06pickle\x18\x02 \x01(\x0c\"\xb3\x01\n\x0b\x43\x65llRequest\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.flame_magic.v1.Header\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\x12\x12\n\nfirst_line\x18\x04 \x01(\x05\x12%\n\x06inputs\x18\x05 \x03(\x0b\x32\x15.flame_magic.v1.Value\x12\x0e\n\x06\x61ssign\x18\x06 \x03(\t\x12\x0f\n\x07timeout\x18\x07 \x01(\x01\"6\n\nMimeBundle\x12\x11\n\tdata_json\x18\x01 \x01(\t\x12\x15\n\rmetadata_json\x18\x02 \x01(\t\"$\n\x06Stream\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"i\n\x06Output\x12(\n\x06stream\x18\x01 \x01(\x0b\x32\x16.flame_magic.v1.StreamH\x00\x12-\n\x07\x64isplay\x18\x02 \x01(\x0b\x32\x1a.flame_magic.v1.MimeBundleH\x00\x42\x06\n\x04kind\"C\n\x0fRemoteException\x12\r\n\x05\x65name\x18\x01 \x01(\t\x12\x0e\n\x06\x65value\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\"+\n\x0bNotReturned\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xe2\x02\n\nCellResult\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.flame_magic.v1.Header\x12\'\n\x07outputs\x18\x02 \x03(\x0b\x32\x16.flame_magic.v1.Output\x12/\n\x06result\x18\x03 \x01(\x0b\x32\x1a.flame_magic.v1.MimeBundleH\x00\x88\x01\x01\x12\x1a\n\rresult_pickle\x18\x04 \x01(\x0cH\x01\x88\x01\x01\x12\'\n\x08\x61ssigned\x18\x05 \x03(\x0b\x32\x15.flame_magic.v1.Value\x12\x31\n\x0cnot_returned\x18\x06 \x03(\x0b\x32\x1b.flame_magic.v1.NotReturned\x12\x33\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x1f.flame_magic.v1.RemoteExceptionH\x02\x88\x01\x01\x42\t\n\x07_resultB\x10\n\x0e_result_pickleB\x08\n\x06_errorb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66lame_magic/_proto/cell.proto\x12\x0e\x66lame_magic.v1\"?\n\x06Header\x12\x10\n\x08protocol\x18\x01 \x01(\r\x12\x0e\n\x06python\x18\x02 \x01(\t\x12\x13\n\x0b\x63loudpickle\x18\x03 \x01(\t\"6\n\x0cSessionHello\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.flame_magic.v1.Header\"2\n\x04\x42lob\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0c\n\x04refs\x18\x03 \x03(\x0c\"\x90\x01\n\x05Value\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06pickle\x18\x02 \x01(\x0c\x12%\n\x07\x62uffers\x18\x03 \x03(\x0b\x32\x14.flame_magic.v1.Blob\x12\x30\n\rcached_pickle\x18\x04 \x01(\x0b\x32\x14.flame_magic.v1.BlobH\x00\x88\x01\x01\x42\x10\n\x0e_cached_pickle\"3\n\x0b\x43\x61\x63heAccess\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x12\n\nkey_prefix\x18\x02 \x01(\t\"\x83\x02\n\x0b\x43\x65llRequest\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.flame_magic.v1.Header\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x10\n\x08\x66ilename\x18\x03 \x01(\t\x12\x12\n\nfirst_line\x18\x04 \x01(\x05\x12%\n\x06inputs\x18\x05 \x03(\x0b\x32\x15.flame_magic.v1.Value\x12\x0e\n\x06\x61ssign\x18\x06 \x03(\t\x12\x0f\n\x07timeout\x18\x07 \x01(\x01\x12/\n\x05\x63\x61\x63he\x18\x08 \x01(\x0b\x32\x1b.flame_magic.v1.CacheAccessH\x00\x88\x01\x01\x12\x13\n\x0bvalues_only\x18\t \x01(\x08\x42\x08\n\x06_cache\"6\n\nMimeBundle\x12\x11\n\tdata_json\x18\x01 \x01(\t\x12\x15\n\rmetadata_json\x18\x02 \x01(\t\"$\n\x06Stream\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"i\n\x06Output\x12(\n\x06stream\x18\x01 \x01(\x0b\x32\x16.flame_magic.v1.StreamH\x00\x12-\n\x07\x64isplay\x18\x02 \x01(\x0b\x32\x1a.flame_magic.v1.MimeBundleH\x00\x42\x06\n\x04kind\"C\n\x0fRemoteException\x12\r\n\x05\x65name\x18\x01 \x01(\t\x12\x0e\n\x06\x65value\x18\x02 \x01(\t\x12\x11\n\ttraceback\x18\x03 \x01(\t\"+\n\x0bNotReturned\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xa5\x03\n\nCellResult\x12&\n\x06header\x18\x01 \x01(\x0b\x32\x16.flame_magic.v1.Header\x12\'\n\x07outputs\x18\x02 \x03(\x0b\x32\x16.flame_magic.v1.Output\x12/\n\x06result\x18\x03 \x01(\x0b\x32\x1a.flame_magic.v1.MimeBundleH\x00\x88\x01\x01\x12\x1a\n\rresult_pickle\x18\x04 \x01(\x0cH\x01\x88\x01\x01\x12\'\n\x08\x61ssigned\x18\x05 \x03(\x0b\x32\x15.flame_magic.v1.Value\x12\x31\n\x0cnot_returned\x18\x06 \x03(\x0b\x32\x1b.flame_magic.v1.NotReturned\x12\x33\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x1f.flame_magic.v1.RemoteExceptionH\x02\x88\x01\x01\x12\x30\n\x0cresult_value\x18\x08 \x01(\x0b\x32\x15.flame_magic.v1.ValueH\x03\x88\x01\x01\x42\t\n\x07_resultB\x10\n\x0e_result_pickleB\x08\n\x06_errorB\x0f\n\r_result_valueb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,20 +35,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEADER']._serialized_end=112
   _globals['_SESSIONHELLO']._serialized_start=114
   _globals['_SESSIONHELLO']._serialized_end=168
-  _globals['_VALUE']._serialized_start=170
-  _globals['_VALUE']._serialized_end=207
-  _globals['_CELLREQUEST']._serialized_start=210
-  _globals['_CELLREQUEST']._serialized_end=389
-  _globals['_MIMEBUNDLE']._serialized_start=391
-  _globals['_MIMEBUNDLE']._serialized_end=445
-  _globals['_STREAM']._serialized_start=447
-  _globals['_STREAM']._serialized_end=483
-  _globals['_OUTPUT']._serialized_start=485
-  _globals['_OUTPUT']._serialized_end=590
-  _globals['_REMOTEEXCEPTION']._serialized_start=592
-  _globals['_REMOTEEXCEPTION']._serialized_end=659
-  _globals['_NOTRETURNED']._serialized_start=661
-  _globals['_NOTRETURNED']._serialized_end=704
-  _globals['_CELLRESULT']._serialized_start=707
-  _globals['_CELLRESULT']._serialized_end=1061
+  _globals['_BLOB']._serialized_start=170
+  _globals['_BLOB']._serialized_end=220
+  _globals['_VALUE']._serialized_start=223
+  _globals['_VALUE']._serialized_end=367
+  _globals['_CACHEACCESS']._serialized_start=369
+  _globals['_CACHEACCESS']._serialized_end=420
+  _globals['_CELLREQUEST']._serialized_start=423
+  _globals['_CELLREQUEST']._serialized_end=682
+  _globals['_MIMEBUNDLE']._serialized_start=684
+  _globals['_MIMEBUNDLE']._serialized_end=738
+  _globals['_STREAM']._serialized_start=740
+  _globals['_STREAM']._serialized_end=776
+  _globals['_OUTPUT']._serialized_start=778
+  _globals['_OUTPUT']._serialized_end=883
+  _globals['_REMOTEEXCEPTION']._serialized_start=885
+  _globals['_REMOTEEXCEPTION']._serialized_end=952
+  _globals['_NOTRETURNED']._serialized_start=954
+  _globals['_NOTRETURNED']._serialized_end=997
+  _globals['_CELLRESULT']._serialized_start=1000
+  _globals['_CELLRESULT']._serialized_end=1421
 # @@protoc_insertion_point(module_scope)

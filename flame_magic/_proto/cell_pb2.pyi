@@ -22,16 +22,38 @@ class SessionHello(_message.Message):
     header: Header
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ...) -> None: ...
 
+class Blob(_message.Message):
+    __slots__ = ("size", "digest", "refs")
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    REFS_FIELD_NUMBER: _ClassVar[int]
+    size: int
+    digest: str
+    refs: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, size: _Optional[int] = ..., digest: _Optional[str] = ..., refs: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
 class Value(_message.Message):
-    __slots__ = ("name", "pickle")
+    __slots__ = ("name", "pickle", "buffers", "cached_pickle")
     NAME_FIELD_NUMBER: _ClassVar[int]
     PICKLE_FIELD_NUMBER: _ClassVar[int]
+    BUFFERS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PICKLE_FIELD_NUMBER: _ClassVar[int]
     name: str
     pickle: bytes
-    def __init__(self, name: _Optional[str] = ..., pickle: _Optional[bytes] = ...) -> None: ...
+    buffers: _containers.RepeatedCompositeFieldContainer[Blob]
+    cached_pickle: Blob
+    def __init__(self, name: _Optional[str] = ..., pickle: _Optional[bytes] = ..., buffers: _Optional[_Iterable[_Union[Blob, _Mapping]]] = ..., cached_pickle: _Optional[_Union[Blob, _Mapping]] = ...) -> None: ...
+
+class CacheAccess(_message.Message):
+    __slots__ = ("endpoint", "key_prefix")
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    KEY_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    key_prefix: str
+    def __init__(self, endpoint: _Optional[str] = ..., key_prefix: _Optional[str] = ...) -> None: ...
 
 class CellRequest(_message.Message):
-    __slots__ = ("header", "source", "filename", "first_line", "inputs", "assign", "timeout")
+    __slots__ = ("header", "source", "filename", "first_line", "inputs", "assign", "timeout", "cache", "values_only")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     FILENAME_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +61,8 @@ class CellRequest(_message.Message):
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     ASSIGN_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
+    VALUES_ONLY_FIELD_NUMBER: _ClassVar[int]
     header: Header
     source: str
     filename: str
@@ -46,7 +70,9 @@ class CellRequest(_message.Message):
     inputs: _containers.RepeatedCompositeFieldContainer[Value]
     assign: _containers.RepeatedScalarFieldContainer[str]
     timeout: float
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., source: _Optional[str] = ..., filename: _Optional[str] = ..., first_line: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., assign: _Optional[_Iterable[str]] = ..., timeout: _Optional[float] = ...) -> None: ...
+    cache: CacheAccess
+    values_only: bool
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., source: _Optional[str] = ..., filename: _Optional[str] = ..., first_line: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., assign: _Optional[_Iterable[str]] = ..., timeout: _Optional[float] = ..., cache: _Optional[_Union[CacheAccess, _Mapping]] = ..., values_only: _Optional[bool] = ...) -> None: ...
 
 class MimeBundle(_message.Message):
     __slots__ = ("data_json", "metadata_json")
@@ -91,7 +117,7 @@ class NotReturned(_message.Message):
     def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CellResult(_message.Message):
-    __slots__ = ("header", "outputs", "result", "result_pickle", "assigned", "not_returned", "error")
+    __slots__ = ("header", "outputs", "result", "result_pickle", "assigned", "not_returned", "error", "result_value")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +125,7 @@ class CellResult(_message.Message):
     ASSIGNED_FIELD_NUMBER: _ClassVar[int]
     NOT_RETURNED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    RESULT_VALUE_FIELD_NUMBER: _ClassVar[int]
     header: Header
     outputs: _containers.RepeatedCompositeFieldContainer[Output]
     result: MimeBundle
@@ -106,4 +133,5 @@ class CellResult(_message.Message):
     assigned: _containers.RepeatedCompositeFieldContainer[Value]
     not_returned: _containers.RepeatedCompositeFieldContainer[NotReturned]
     error: RemoteException
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Output, _Mapping]]] = ..., result: _Optional[_Union[MimeBundle, _Mapping]] = ..., result_pickle: _Optional[bytes] = ..., assigned: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., not_returned: _Optional[_Iterable[_Union[NotReturned, _Mapping]]] = ..., error: _Optional[_Union[RemoteException, _Mapping]] = ...) -> None: ...
+    result_value: Value
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Output, _Mapping]]] = ..., result: _Optional[_Union[MimeBundle, _Mapping]] = ..., result_pickle: _Optional[bytes] = ..., assigned: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., not_returned: _Optional[_Iterable[_Union[NotReturned, _Mapping]]] = ..., error: _Optional[_Union[RemoteException, _Mapping]] = ..., result_value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...

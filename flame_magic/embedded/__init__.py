@@ -6,8 +6,9 @@ through ``flame.v1.Instance`` over a Unix socket), so a client cannot tell it fr
 Flame. It runs in its own process (``python -m flame_magic.embedded``); this module only
 starts and stops that process, and imports nothing heavy.
 
-It has no object cache and no TLS, and it trusts this machine's users as the notebook does:
-everything it launches runs as the user that started it.
+It serves Flame's object cache too, on a Unix socket in its private state directory. It
+serves TLS only when given a certificate, and it trusts this machine's users as the notebook
+does: everything it launches runs as the user that started it.
 """
 
 from __future__ import annotations
@@ -51,11 +52,24 @@ class EmbeddedFlame:
         Its private state directory (sockets, ``logs/<executor-id>.log``); removed on stop.
     pid : int
         Its process id.
+    cache_endpoint : str or None
+        Its object cache (``grpc+unix:///...`` in the state directory), None if it has none.
+    cache_storage : str or None
+        The cache's storage directory, which this machine's processes share.
     """
 
-    def __init__(self, process: subprocess.Popen[bytes], endpoint: str, state_dir: str, stderr: IO[bytes]):
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        endpoint: str,
+        state_dir: str,
+        stderr: IO[bytes],
+        variables: dict[str, str] | None = None,
+    ):
         self._process = process
         self.endpoint = endpoint
+        self.cache_endpoint = (variables or {}).get("FLAME_CACHE_ENDPOINT")
+        self.cache_storage = (variables or {}).get("FLAME_CACHE_STORAGE")
         self.state_dir = state_dir
         self.pid = process.pid
         self._stderr = stderr
@@ -68,6 +82,7 @@ class EmbeddedFlame:
         working_directory: str | None = None,
         listen: str | None = None,
         timeout: float = 15.0,
+        tls_files: tuple[str, str] | None = None,
     ) -> EmbeddedFlame:
         """Start an embedded Flame and wait until it serves.
 
@@ -76,10 +91,12 @@ class EmbeddedFlame:
         working_directory
             Working directory of the default ``flmrun`` application (default: ours).
         listen
-            ``http://127.0.0.1:PORT`` (0 picks a port) or ``unix:///path``; default a Unix
-            socket in its state directory.
+            ``http://127.0.0.1:PORT`` (0 picks a port), ``https://...`` with ``tls_files``, or
+            ``unix:///path``; default a Unix socket in its state directory.
         timeout
             Seconds to wait for it to be ready.
+        tls_files
+            PEM files of the server certificate (chain) and its private key, for ``https://``.
 
         Returns
         -------
@@ -100,6 +117,8 @@ class EmbeddedFlame:
             cmd += ["--working-directory", os.path.abspath(working_directory)]
         if listen is not None:
             cmd += ["--listen", listen]
+        if tls_files is not None:
+            cmd += ["--tls-cert", tls_files[0], "--tls-key", tls_files[1]]
         env = dict(os.environ)
         root = _package_root()
         if root is not None:
@@ -120,14 +139,14 @@ class EmbeddedFlame:
             start_new_session=True,
         )
         try:
-            endpoint = _read_ready_line(process, timeout)
+            variables = _read_ready_lines(process, timeout)
         except RuntimeError as err:
             _terminate(process, 2.0)
             message = f"{err}\n{_tail(stderr)}".rstrip()
             stderr.close()
             shutil.rmtree(state_dir, ignore_errors=True)
             raise RuntimeError(message) from None
-        return cls(process, endpoint, state_dir, stderr)
+        return cls(process, variables.pop("FLAME_ENDPOINT"), state_dir, stderr, variables)
 
     def log(self) -> str:
         """Everything it has logged (its stderr), also after it stopped."""
@@ -163,7 +182,8 @@ class EmbeddedFlame:
         return f"<EmbeddedFlame {self.endpoint} pid={self.pid} {state}>"
 
 
-def _read_ready_line(process: subprocess.Popen[bytes], timeout: float) -> str:
+def _read_ready_lines(process: subprocess.Popen[bytes], timeout: float) -> dict[str, str]:
+    """``FLAME_ENDPOINT`` and the lines after it (written at once), as variables."""
     assert process.stdout is not None
     fd = process.stdout.fileno()
     deadline = time.monotonic() + timeout
@@ -182,10 +202,10 @@ def _read_ready_line(process: subprocess.Popen[bytes], timeout: float) -> str:
                 raise RuntimeError(f"the embedded Flame exited with status {code} before it was ready")
             buf += chunk
     process.stdout.close()  # it writes nothing more there
-    line = buf.split(b"\n", 1)[0].decode("utf-8", errors="replace").strip()
-    if not line.startswith(_READY_PREFIX):
-        raise RuntimeError(f"unexpected first line from the embedded Flame: {line!r}")
-    return line[len(_READY_PREFIX) :]
+    lines = buf.decode("utf-8", errors="replace").splitlines()
+    if not lines[0].startswith(_READY_PREFIX):
+        raise RuntimeError(f"unexpected first line from the embedded Flame: {lines[0]!r}")
+    return dict(line.strip().split("=", 1) for line in lines if "=" in line)
 
 
 def _terminate(process: subprocess.Popen[bytes], timeout: float) -> None:

@@ -1,6 +1,7 @@
 """``python -m flame_magic.embedded`` / ``flame-embedded``: run an embedded Flame.
 
-Prints exactly one line to stdout, ``FLAME_ENDPOINT=<endpoint>``, once it serves; logs go
+Prints ``FLAME_ENDPOINT=<endpoint>`` to stdout once it serves, then the object cache's
+``FLAME_CACHE_ENDPOINT=...`` and ``FLAME_CACHE_STORAGE=...``, and nothing more; logs go
 to stderr. SIGTERM or SIGINT stop it, and every application process with it.
 """
 
@@ -24,9 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--listen",
         metavar="ENDPOINT",
-        help="http://127.0.0.1:PORT (PORT 0 picks a free port) or unix:///path/to.sock "
-        "(default: a Unix socket in the state directory)",
+        help="http://127.0.0.1:PORT (PORT 0 picks a free port), https://HOST:PORT (with --tls-cert "
+        "and --tls-key) or unix:///path/to.sock (default: a Unix socket in the state directory)",
     )
+    parser.add_argument("--tls-cert", metavar="PEM", help="server certificate (chain) for https://")
+    parser.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     parser.add_argument(
         "--working-directory",
         metavar="DIR",
@@ -76,8 +79,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"flame-embedded: working directory does not exist: {workdir}", file=sys.stderr)
         return 2
 
-    def ready(endpoint: str) -> None:
-        sys.stdout.write(f"FLAME_ENDPOINT={endpoint}\n")
+    tls = None
+    if args.tls_cert or args.tls_key:
+        try:
+            with open(args.tls_key, "rb") as key, open(args.tls_cert, "rb") as cert:
+                tls = (key.read(), cert.read())
+        except (OSError, TypeError) as err:
+            print(f"flame-embedded: cannot read --tls-cert and --tls-key: {err}", file=sys.stderr)
+            return 2
+
+    def ready(endpoint: str, variables: dict[str, str]) -> None:
+        lines = [f"FLAME_ENDPOINT={endpoint}", *(f"{name}={value}" for name, value in variables.items())]
+        sys.stdout.write("".join(f"{line}\n" for line in lines))  # one write: read to its end
         sys.stdout.flush()
         # Nothing else goes to stdout: a parent may stop reading the pipe after this line.
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -93,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                 keep_state=args.keep_state,
                 parent_pid=(args.parent_pid or parent) if args.exit_with_parent else None,
                 on_ready=ready,
+                tls=tls,
             )
         )
     except (ValueError, RuntimeError) as err:

@@ -49,7 +49,7 @@ _CHANNEL_OPTIONS = [
 
 # Variables the embedded Flame does not provide; inherited values would point the process
 # at some other cluster's cache or CA.
-_NOT_INHERITED = ("FLAME_CACHE_ENDPOINT", "FLAME_CA_FILE", "FLAME_INSTANCE_ENDPOINT")
+_NOT_INHERITED = ("FLAME_CACHE_ENDPOINT", "FLAME_CACHE_STORAGE", "FLAME_CA_FILE", "FLAME_INSTANCE_ENDPOINT")
 
 _VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 
@@ -147,6 +147,10 @@ class Instance:
         The embedded Flame's private (0700) state directory.
     frontend_endpoint
         This Flame's endpoint, given to the process as ``FLAME_ENDPOINT``.
+    cache_endpoint, cache_storage
+        This Flame's object cache and its storage directory, given to the process as
+        ``FLAME_CACHE_ENDPOINT`` (as Flame does) and ``FLAME_CACHE_STORAGE`` (flamepy's
+        variable for a storage the process shares), when there is one.
     """
 
     def __init__(
@@ -159,6 +163,8 @@ class Instance:
         common_data: bytes | None,
         state_dir: Path,
         frontend_endpoint: str,
+        cache_endpoint: str | None = None,
+        cache_storage: str | None = None,
     ) -> None:
         self.id = executor_id
         self.app_name = app_name
@@ -166,6 +172,8 @@ class Instance:
         self.session_id = session_id
         self.common_data = common_data
         self.frontend_endpoint = frontend_endpoint
+        self.cache_endpoint = cache_endpoint
+        self.cache_storage = cache_storage
         self.state: protocol.types.ExecutorState = types.ExecutorBinding
         self.socket_path = state_dir / "sock" / f"{executor_id}.sock"
         self.log_path = state_dir / "logs" / f"{executor_id}.log"
@@ -197,6 +205,10 @@ class Instance:
         env["FLAME_LOG"] = level
         env["FLAME_INSTANCE_ENDPOINT"] = str(self.socket_path)
         env["FLAME_ENDPOINT"] = self.frontend_endpoint
+        if self.cache_endpoint:
+            env["FLAME_CACHE_ENDPOINT"] = self.cache_endpoint
+            if self.cache_storage:
+                env["FLAME_CACHE_STORAGE"] = self.cache_storage
         env["HOME"] = app_env.get("HOME") or base.get("HOME") or os.path.expanduser("~")
         tmp = str(self.own_dir / "tmp")
         for name in ("TMPDIR", "TEMP", "TMP"):

@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import grpc
@@ -20,6 +21,9 @@ import grpc
 from flame_magic import protocol
 from flame_magic.embedded import executor
 from flame_magic.embedded.session_manager import FrontendService, SessionManager
+
+if TYPE_CHECKING:
+    from flame_magic.embedded.cache_server import CacheServer
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +41,12 @@ class Listen:
 
 
 def parse_listen(listen: str | None, state_dir: Path) -> Listen:
-    """Parse ``http://HOST:PORT`` or ``unix:///path`` (default: a socket in the state dir).
+    """Parse ``http(s)://HOST:PORT`` or ``unix:///path`` (default: a socket in the state dir).
 
     Raises
     ------
     ValueError
-        For anything else (TLS is not offered: the embedded Flame serves this machine only).
+        For anything else.
     """
     if not listen:
         path = state_dir / FRONTEND_SOCKET
@@ -55,12 +59,12 @@ def parse_listen(listen: str | None, state_dir: Path) -> Listen:
             raise ValueError(f"unix endpoint needs an absolute path: {listen}")
         return Listen(f"unix://{raw}", f"unix://{raw}", Path(raw))
     parts = urlsplit(listen)
-    if parts.scheme != "http" or not parts.hostname or parts.path not in ("", "/"):
-        raise ValueError(f"endpoint must be http://HOST:PORT or unix:///PATH, got: {listen}")
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+        raise ValueError(f"endpoint must be http(s)://HOST:PORT or unix:///PATH, got: {listen}")
     host = parts.hostname
     shown = f"[{host}]" if ":" in host else host
     port = parts.port if parts.port is not None else 8080
-    return Listen(f"{shown}:{port}", f"http://{shown}:{{port}}")
+    return Listen(f"{shown}:{port}", f"{parts.scheme}://{shown}:{{port}}")
 
 
 def make_state_dir(state_dir: str | None) -> Path:
@@ -78,10 +82,11 @@ def remove_state(state_dir: Path, owned: bool) -> None:
     if owned:
         shutil.rmtree(state_dir, ignore_errors=True)
         return
-    for name in ("sock", "work", "logs"):
+    for name in ("sock", "work", "logs", "cache"):
         shutil.rmtree(state_dir / name, ignore_errors=True)
-    with contextlib.suppress(FileNotFoundError):
-        (state_dir / FRONTEND_SOCKET).unlink()
+    for name in (FRONTEND_SOCKET, "cache.sock"):
+        with contextlib.suppress(FileNotFoundError):
+            (state_dir / name).unlink()
     with contextlib.suppress(OSError):
         state_dir.rmdir()  # only if nothing else is left in it
 
@@ -93,7 +98,8 @@ async def serve(
     state_dir: str | None,
     keep_state: bool,
     parent_pid: int | None,
-    on_ready: Callable[[str], None],
+    on_ready: Callable[[str, dict[str, str]], None],
+    tls: tuple[bytes, bytes] | None = None,
 ) -> None:
     """Serve the Frontend until SIGTERM/SIGINT (or the parent's death), then release everything.
 
@@ -111,7 +117,11 @@ async def serve(
     parent_pid
         Stop when this process is no longer our parent (None: never).
     on_ready
-        Called with the endpoint once the server accepts calls.
+        Called once the server accepts calls, with the endpoint and the variables that name
+        the object cache (``FLAME_CACHE_ENDPOINT``, ``FLAME_CACHE_STORAGE``; none if it
+        could not start).
+    tls
+        PEM private key and certificate chain, for an ``https://`` listen endpoint.
     """
     owned = state_dir is None
     root = make_state_dir(state_dir)
@@ -123,11 +133,21 @@ async def serve(
     protocol.add_FrontendServicer_to_server(FrontendService(manager), server)
     where: Listen | None = None
     bound = False
+    cache = _start_cache(root)
+    cache_variables = {}
+    if cache is not None:
+        manager.cache_endpoint, manager.cache_storage = cache.endpoint, str(cache.storage)
+        cache_variables = {"FLAME_CACHE_ENDPOINT": cache.endpoint, "FLAME_CACHE_STORAGE": str(cache.storage)}
     try:
         where = parse_listen(listen, root)
+        if (tls is not None) != where.endpoint.startswith("https:"):
+            raise ValueError("an https:// endpoint needs --tls-cert and --tls-key, and only it takes them")
         if where.unix_path is not None:
             _remove_stale_socket(where.unix_path)
-        port = server.add_insecure_port(where.bind)
+        if tls is not None:
+            port = server.add_secure_port(where.bind, grpc.ssl_server_credentials([tls]))
+        else:
+            port = server.add_insecure_port(where.bind)
         if not port:
             raise RuntimeError(f"cannot listen on {where.bind}")
         bound = True
@@ -140,7 +160,7 @@ async def serve(
             loop.add_signal_handler(sig, stop.set)
         watcher = asyncio.create_task(_watch_parent(stop, parent_pid)) if parent_pid else None
         log.info("serving flame.v1.Frontend on %s (state in %s)", manager.endpoint, root)
-        on_ready(manager.endpoint)
+        on_ready(manager.endpoint, cache_variables)
         await stop.wait()
         log.info("stopping")
         if watcher is not None:
@@ -149,11 +169,26 @@ async def serve(
         await manager.shutdown()
     finally:
         executor.kill_all_groups()
+        if cache is not None:
+            from flame_magic.embedded import cache_server
+
+            cache_server.stop(cache)
         if bound and where is not None and where.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 where.unix_path.unlink()
         if not keep_state:
             remove_state(root, owned)
+
+
+def _start_cache(state_dir: Path) -> CacheServer | None:
+    """Start the object cache in the state directory; without it, large values are refused."""
+    try:
+        from flame_magic.embedded import cache_server
+
+        return cache_server.start(state_dir)
+    except Exception as exc:  # pyarrow missing or broken: Flame still runs cells
+        log.warning("no object cache (values over 4 MiB cannot travel): %s", exc)
+        return None
 
 
 def _remove_stale_socket(path: Path) -> None:

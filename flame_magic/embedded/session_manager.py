@@ -246,6 +246,8 @@ class SessionManager:
         self.state_dir = state_dir
         self.working_directory = working_directory
         self.endpoint = ""  # set by the server once it knows its port
+        self.cache_endpoint: str | None = None  # the object cache, given to every process
+        self.cache_storage: str | None = None
         self.node_name = socket.gethostname()
         self.applications: dict[str, ApplicationRecord] = {}
         self.sessions: dict[str, SessionRecord] = {}
@@ -551,6 +553,8 @@ class SessionManager:
             common_data=ssn.spec.common_data if ssn.spec.HasField("common_data") else None,
             state_dir=self.state_dir,
             frontend_endpoint=self.endpoint,
+            cache_endpoint=self.cache_endpoint,
+            cache_storage=self.cache_storage,
         )
         ssn.instances.append(inst)
         self.executors[inst.id] = inst

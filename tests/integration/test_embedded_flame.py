@@ -736,8 +736,8 @@ def test_start_failure_reports_stderr(tmp_path: Path) -> None:
         EmbeddedFlame.start(working_directory=str(tmp_path / "missing"))
     assert "working directory does not exist" in str(info.value)
     with pytest.raises(RuntimeError) as info:
-        EmbeddedFlame.start(listen="https://127.0.0.1:0")
-    assert "http://HOST:PORT" in str(info.value)
+        EmbeddedFlame.start(listen="https://127.0.0.1:0")  # TLS without a certificate
+    assert "--tls-cert" in str(info.value)
 
 
 def test_endpoint_in_use_is_an_error(tmp_path: Path) -> None:

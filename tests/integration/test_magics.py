@@ -12,6 +12,7 @@ from IPython.core.error import UsageError
 
 from flame_magic import codec
 from flame_magic.errors import CellFailed, RemoteError
+from flame_magic.remote import Connection
 
 
 def test_prints_and_last_expression_come_back(run):
@@ -115,7 +116,9 @@ def test_unpicklable_value_is_named_and_notebook_survives(run, shell):
     assert shell.user_ns["survivor"] == [1, 2, 3]
 
 
-def test_payload_over_flames_limit_names_the_largest_value(run, shell):
+def test_payload_over_flames_limit_names_the_largest_value(run, shell, monkeypatch):
+    # As on a cluster without an object cache (the embedded Flame has one: tests/integration/test_bigdata.py).
+    monkeypatch.setattr(Connection, "cache", lambda self: None)
     shell.user_ns["huge"] = b"x" * (5 * 1024 * 1024)
     shell.user_ns["tiny"] = 1
     try:
@@ -125,6 +128,7 @@ def test_payload_over_flames_limit_names_the_largest_value(run, shell):
     assert isinstance(ran.error, UsageError)
     assert "`huge` (5.0 MiB)" in str(ran.error)
     assert "4.0 MiB" in str(ran.error)
+    assert "FLAME_CACHE_ENDPOINT" in str(ran.error)  # how to configure a cache
 
 
 def test_value_that_cannot_come_back_stays_remote_with_a_note(run, shell):

@@ -22,6 +22,7 @@ def test_parse_listen_defaults_to_a_socket_in_the_state_dir(tmp_path: Path) -> N
         ("http://127.0.0.1:0", "127.0.0.1:0", "http://127.0.0.1:{port}"),
         ("http://localhost:8080/", "localhost:8080", "http://localhost:{port}"),
         ("http://[::1]:9000", "[::1]:9000", "http://[::1]:{port}"),
+        ("https://127.0.0.1:8443", "127.0.0.1:8443", "https://127.0.0.1:{port}"),
         ("unix:///tmp/x.sock", "unix:///tmp/x.sock", "unix:///tmp/x.sock"),
         ("unix:/tmp/x.sock", "unix:///tmp/x.sock", "unix:///tmp/x.sock"),
     ],
@@ -32,7 +33,7 @@ def test_parse_listen(listen: str, bind: str, endpoint: str, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize(
-    "listen", ["https://127.0.0.1:8080", "127.0.0.1:8080", "unix://relative.sock", "grpc://h:1"]
+    "listen", ["127.0.0.1:8080", "unix://relative.sock", "grpc://h:1", "https://h:1/path"]
 )
 def test_parse_listen_rejects(listen: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError):

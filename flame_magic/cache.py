@@ -1,0 +1,681 @@
+"""A client of Flame's object cache (Arrow Flight), exactly as Flame's contract has it.
+
+Objects live under keys ``<app>/<session>/<id>`` and are named by *references*, small BSON
+documents ``{endpoint, key, version}`` that travel in task inputs and outputs instead of
+the data. The calls:
+
+- put: Flight ``DoPut`` with a one-element PATH descriptor, ``<app>/<session>`` (the cache
+  picks the id) or ``<app>/<session>/<id>`` (upsert); rows ``{version: uint64, data:
+  binary}``, whose data concatenated in order is the object. The reply's ``app_metadata``
+  is the reference. Every put or patch adds one to the object's version.
+- patch: the same with a CMD descriptor ``PATCH:<key>``; it appends a delta.
+- get: ``DoGet`` with ticket ``<key>:<version the client has>``; rows ``{version, kind,
+  data}``: the base, then patches; only the newer patches when the client's base is still
+  current (an incremental get); nothing when the client is up to date.
+- delete: action ``DELETE`` on a key, ``<app>/<session>`` or ``<app>/*``.
+
+Flame's clients may also be given the cache's *storage* directory (``cache.storage`` in
+flame.yaml, ``FLAME_CACHE_STORAGE``), when they share its file system, as the embedded
+Flame's runners and notebook do: a put then writes the object's Arrow IPC file
+(``<storage>/<app>/<session>/<id>.arrow``) and tells the cache with ``GetFlightInfo``, and
+a read maps that file instead of streaming it through gRPC. Files are replaced by rename,
+never rewritten in place, so a mapping stays valid after a delete.
+
+pyarrow is imported on first use: a notebook that never moves large data does not pay
+for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import struct
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from flame_magic.client import FlameError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.flight as flight
+
+__all__ = [
+    "CacheClient",
+    "CacheError",
+    "Fetched",
+    "ObjectInfo",
+    "ObjectNotFound",
+    "ObjectRef",
+    "check_key",
+    "upload_file",
+]
+
+# flamepy sends objects as 1 MiB rows; a batch (one gRPC message) holds 16 of them.
+ROW_BYTES = 1024 * 1024
+BATCH_BYTES = 16 * ROW_BYTES
+# The cache keeps an object's data in one binary row (32-bit offsets).
+MAX_OBJECT_BYTES = 2**31 - 1
+# Seconds for calls that move no data (delete, list, GetFlightInfo).
+CALL_TIMEOUT = 30.0
+
+KIND_BASE = "base"
+KIND_PATCH = "patch"
+
+_CONFIG_HINT = (
+    "Check that Flame's object cache runs and that FLAME_CACHE_ENDPOINT (or `cache.endpoint` of "
+    "the current context in ~/.flame/flame.yaml) names it."
+)
+
+
+class CacheError(FlameError):
+    """The object cache refused a request or could not be reached; the message says what to do."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"CacheError: {self}"]
+
+
+class ObjectNotFound(CacheError):
+    """The cache holds no object under the key (never put, deleted, or evicted)."""
+
+
+def _need_pyarrow() -> None:
+    """Fail clearly where pyarrow (a dependency of flame-magic) is missing, e.g. on an executor."""
+    try:
+        import pyarrow.flight  # noqa: F401
+    except ImportError as exc:
+        raise CacheError(
+            f"Flame's object cache needs pyarrow, which cannot be imported here ({exc}): install "
+            "pyarrow (flame-magic depends on it) in this environment."
+        ) from None
+
+
+def check_key(key: str, parts: tuple[int, ...] = (3,)) -> list[str]:
+    """Split an object key or prefix, refusing what Flame refuses.
+
+    Parameters
+    ----------
+    key
+        ``<app>/<session>/<id>`` (or ``<app>/<session>`` when 2 is in ``parts``).
+    parts
+        The numbers of ``/``-separated parts accepted.
+    """
+    pieces = key.split("/")
+    if len(pieces) not in parts:
+        shapes = " or ".join("/".join(["<app>", "<session>", "<id>"][:n]) for n in parts)
+        raise CacheError(f"Invalid object key {key!r}: expected {shapes}.")
+    for piece in pieces:
+        if not piece or "\\" in piece or ".." in piece:
+            raise CacheError(f"Invalid object key {key!r}: parts must be non-empty, without '\\' or '..'.")
+    return pieces
+
+
+# -- references ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObjectRef:
+    """A reference to a cached object, as Flame passes them around (a BSON document)."""
+
+    endpoint: str
+    key: str
+    version: int
+
+    def encode(self) -> bytes:
+        """The BSON document ``{endpoint, key, version}`` (version as int64, as Flame writes it)."""
+        body = (
+            _bson_string("endpoint", self.endpoint)
+            + _bson_string("key", self.key)
+            + b"\x12version\x00"
+            + struct.pack("<q", self.version)
+        )
+        return struct.pack("<i", len(body) + 5) + body + b"\x00"
+
+    @classmethod
+    def decode(cls, data: bytes) -> ObjectRef:
+        """Read a reference from BSON (as Flame's cache and flamepy write it)."""
+        try:
+            fields = _bson_decode(bytes(data))
+            endpoint, key, version = fields["endpoint"], fields["key"], fields["version"]
+        except (KeyError, ValueError, struct.error, UnicodeDecodeError) as exc:
+            raise CacheError(f"Not an object reference (BSON {{endpoint, key, version}}): {exc}") from None
+        if not isinstance(endpoint, str) or not isinstance(key, str) or not isinstance(version, int):
+            raise CacheError(f"Not an object reference: {fields!r}")
+        return cls(endpoint, key, version)
+
+
+def _bson_string(name: str, value: str) -> bytes:
+    data = value.encode("utf-8")
+    return b"\x02" + name.encode("utf-8") + b"\x00" + struct.pack("<i", len(data) + 1) + data + b"\x00"
+
+
+def _bson_decode(data: bytes) -> dict[str, Any]:
+    """Decode a flat BSON document of strings and numbers (all an object reference holds)."""
+    (length,) = struct.unpack_from("<i", data, 0)
+    if length != len(data) or data[-1:] != b"\x00":
+        raise ValueError("bad document length")
+    fields: dict[str, Any] = {}
+    pos = 4
+    while pos < length - 1:
+        kind = data[pos]
+        end = data.index(b"\x00", pos + 1)
+        name = data[pos + 1 : end].decode("utf-8")
+        pos = end + 1
+        if kind == 0x02:  # string
+            (size,) = struct.unpack_from("<i", data, pos)
+            fields[name] = data[pos + 4 : pos + 3 + size].decode("utf-8")
+            pos += 4 + size
+        elif kind == 0x10:  # int32
+            (fields[name],) = struct.unpack_from("<i", data, pos)
+            pos += 4
+        elif kind in (0x12, 0x11):  # int64, timestamp
+            (fields[name],) = struct.unpack_from("<q" if kind == 0x12 else "<Q", data, pos)
+            pos += 8
+        elif kind == 0x01:  # double
+            (value,) = struct.unpack_from("<d", data, pos)
+            fields[name] = int(value) if value.is_integer() else value
+            pos += 8
+        else:
+            raise ValueError(f"unexpected BSON element type {kind:#x} for {name!r}")
+    return fields
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Fetched:
+    """What a get returned: the base (absent for an incremental get) and newer patches."""
+
+    version: int
+    base: pa.Buffer | None
+    patches: list[tuple[int, pa.Buffer]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object as ``ListFlights`` shows it."""
+
+    key: str
+    size: int
+
+
+# -- the client ------------------------------------------------------------------------------
+
+
+def flight_location(endpoint: str) -> str:
+    """The Flight location for a cache endpoint (``grpcs://`` is Flight's ``grpc+tls://``)."""
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        raise CacheError(f"Cannot use cache endpoint {endpoint!r}: expected grpc://HOST:PORT.")
+    scheme = scheme.lower()
+    if scheme == "grpcs":
+        return f"grpc+tls://{rest}"
+    if scheme == "unix":
+        return f"grpc+unix://{rest}"
+    if scheme in ("grpc", "grpc+tcp", "grpc+tls", "grpc+unix"):
+        return f"{scheme}://{rest}"
+    raise CacheError(
+        f"Cannot use cache endpoint {endpoint!r}: expected grpc://HOST:PORT, grpcs://HOST:PORT "
+        "or grpc+unix:///PATH."
+    )
+
+
+class CacheClient:
+    """Calls to one object cache, with Flight's errors turned into clear messages.
+
+    Parameters
+    ----------
+    endpoint
+        ``grpc://HOST:PORT``, ``grpcs://HOST:PORT`` or ``grpc+unix:///PATH``.
+    ca_file
+        CA certificate for ``grpcs://``.
+    storage
+        The cache's storage directory, when this process shares its file system.
+    """
+
+    def __init__(self, endpoint: str, ca_file: str | None = None, storage: str | None = None) -> None:
+        self.endpoint = endpoint
+        self.location = flight_location(endpoint)
+        self.ca_file = ca_file
+        self.storage = Path(storage) if storage else None
+        self._client: flight.FlightClient | None = None
+
+    def __repr__(self) -> str:
+        return f"<CacheClient {self.endpoint}{' storage=' + str(self.storage) if self.storage else ''}>"
+
+    def _flight(self) -> flight.FlightClient:
+        if self._client is None:
+            import pyarrow.flight as flight
+
+            kwargs: dict[str, Any] = {}
+            if self.ca_file and self.location.startswith("grpc+tls"):
+                try:
+                    kwargs["tls_root_certs"] = Path(self.ca_file).read_bytes()
+                except OSError as exc:
+                    raise CacheError(
+                        f"Cannot read the CA file {self.ca_file!r} for {self.endpoint}: {exc}"
+                    ) from None
+            # No size limits: objects travel in messages of up to BATCH_BYTES.
+            options = [("grpc.max_receive_message_length", -1), ("grpc.max_send_message_length", -1)]
+            self._client = flight.FlightClient(self.location, generic_options=options, **kwargs)
+        return self._client
+
+    def close(self) -> None:
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                self._client.close()
+            self._client = None
+
+    @contextlib.contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        import pyarrow as pa
+        import pyarrow.flight as flight
+
+        try:
+            yield
+        except CacheError:
+            raise
+        except flight.FlightUnavailableError as exc:
+            raise CacheError(
+                f"Flame's object cache at {self.endpoint} is unavailable while trying to {what}: "
+                f"{_short(exc)}. {_CONFIG_HINT}"
+            ) from None
+        except (pa.ArrowKeyError, KeyError) as exc:
+            raise ObjectNotFound(
+                f"Flame's object cache at {self.endpoint} has no {what}: {_short(exc)}"
+            ) from None
+        except (pa.ArrowException, OSError) as exc:
+            raise CacheError(
+                f"Flame's object cache at {self.endpoint} failed to {what}: {_short(exc)}"
+            ) from None
+
+    def _options(self, timeout: float | None = CALL_TIMEOUT) -> flight.FlightCallOptions:
+        import pyarrow.flight as flight
+
+        return flight.FlightCallOptions(timeout=timeout)
+
+    # -- put and patch -----------------------------------------------------------------------
+
+    def put(self, key: str, data: Any) -> ObjectRef:
+        """Store ``data`` (a contiguous buffer) under a key, or under a new id for a prefix.
+
+        Returns
+        -------
+        ObjectRef
+            The reference the cache gave back (version 1 for a new key).
+        """
+        _need_pyarrow()
+        pieces = check_key(key, (2, 3))
+        view = memoryview(data).cast("B")
+        _check_size(view.nbytes, key)
+        if self.storage is not None:
+            if len(pieces) == 2:
+                key = f"{key}/{uuid.uuid4()}"
+            return self._put_file(key, view)
+        return self._do_put(_path_descriptor(key), view, f"store {key}")
+
+    def patch(self, key: str, data: Any) -> ObjectRef:
+        """Append ``data`` as a delta to the object under ``key`` (it must exist)."""
+        _need_pyarrow()
+        import pyarrow.flight as flight
+
+        check_key(key)
+        view = memoryview(data).cast("B")
+        _check_size(view.nbytes, key)
+        descriptor = flight.FlightDescriptor.for_command(f"PATCH:{key}".encode())
+        return self._do_put(descriptor, view, f"patch {key}")
+
+    def _do_put(self, descriptor: flight.FlightDescriptor, view: memoryview, what: str) -> ObjectRef:
+        import pyarrow as pa
+
+        schema = _put_schema()
+        buffer = pa.py_buffer(view)
+        with self._errors(what):
+            writer, reader = self._flight().do_put(descriptor, schema, self._options(None))
+            try:
+                for start in range(0, max(view.nbytes, 1), BATCH_BYTES):
+                    writer.write_batch(_rows(schema, buffer, start, min(view.nbytes, start + BATCH_BYTES)))
+                writer.done_writing()
+                reply = reader.read()
+            finally:
+                writer.close()
+        if reply is None:
+            raise CacheError(f"Flame's object cache at {self.endpoint} sent no reference after {what}.")
+        return ObjectRef.decode(reply.to_pybytes())
+
+    def _put_file(self, key: str, view: memoryview) -> ObjectRef:
+        """Write the object's Arrow IPC file into the shared storage, then tell the cache."""
+        return self.commit(self.stage(key.rsplit("/", 1)[0], view), key)
+
+    def stage(self, prefix: str, data: Any) -> Path:
+        """Write an object's file into the storage under a temporary name, not yet an object.
+
+        With :meth:`commit` this is :meth:`put` in two steps, so that the key (a content
+        hash, say) may be computed while the data is written. Needs a shared storage.
+
+        Returns
+        -------
+        Path
+            The staged file, for :meth:`commit` or :meth:`discard`.
+        """
+        import pyarrow as pa
+        import pyarrow.ipc as ipc
+
+        _need_pyarrow()
+        if self.storage is None:
+            raise CacheError("Staging an object needs the cache's storage directory (FLAME_CACHE_STORAGE).")
+        app, session = check_key(prefix, (2,))
+        view = memoryview(data).cast("B")
+        _check_size(view.nbytes, prefix)
+        directory = self.storage / app / session
+        temporary = directory / f".{uuid.uuid4().hex}.tmp"
+        try:
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            schema = _put_schema()
+            with pa.OSFile(str(temporary), "wb") as sink, ipc.new_file(sink, schema) as writer:
+                # Version 1, the reference's: a cache that reads the file keeps the same number.
+                writer.write_batch(_rows(schema, pa.py_buffer(view), 0, view.nbytes, one_row=True, version=1))
+        except OSError as exc:
+            self.discard(temporary)
+            raise CacheError(f"Cannot write into the cache's storage {self.storage}: {exc}") from None
+        return temporary
+
+    def commit(self, staged: Path, key: str) -> ObjectRef:
+        """Make a staged file the object under ``key`` (a put), and tell the cache."""
+        import pyarrow.flight as flight
+
+        path = self._file(key)
+        if path.parent != staged.parent:
+            self.discard(staged)
+            raise CacheError(f"{staged} was staged for another session than {key}.")
+        try:
+            # A replaced object loses its patches, as on a put through Flight.
+            _remove_tree(path.with_suffix(".deltas"))
+            os.replace(staged, path)
+        except OSError as exc:
+            self.discard(staged)
+            raise CacheError(f"Cannot write {key} into the cache's storage {self.storage}: {exc}") from None
+        with self._errors(f"register {key}"):
+            info = self._flight().get_flight_info(flight.FlightDescriptor.for_path(key), self._options())
+        # flamepy's convention for an object written into storage; our cache says more.
+        metadata = getattr(info, "app_metadata", b"")
+        if metadata:
+            with contextlib.suppress(CacheError):
+                return ObjectRef.decode(bytes(metadata))
+        return ObjectRef(self.endpoint, key, 1)
+
+    @staticmethod
+    def discard(staged: Path) -> None:
+        """Remove a staged file that will not become an object."""
+        with contextlib.suppress(FileNotFoundError):
+            staged.unlink()
+
+    # -- get ---------------------------------------------------------------------------------
+
+    def get(self, key: str, have: int = 0) -> Fetched | None:
+        """Fetch an object, or only what is newer than version ``have`` of it.
+
+        Returns
+        -------
+        Fetched or None
+            None when ``have`` is the current version (nothing changed); otherwise the
+            current version with the base (None for an incremental answer) and patches.
+        """
+        _need_pyarrow()
+        import pyarrow.flight as flight
+
+        check_key(key)
+        ticket = flight.Ticket(f"{key}:{have}".encode())
+        with self._errors(f"object {key}"):
+            table = self._flight().do_get(ticket, self._options(None)).read_all()
+        if table.num_rows == 0:
+            return None
+        versions = table.column(0).to_pylist()
+        kinds = table.column(1).to_pylist() if table.num_columns >= 3 else [KIND_BASE] * table.num_rows
+        data = table.column(table.num_columns - 1)
+        base_parts: list[pa.Buffer] = []
+        patches: list[tuple[int, pa.Buffer]] = []
+        for row, (version, kind) in enumerate(zip(versions, kinds, strict=True)):
+            if kind == KIND_BASE:
+                if patches:
+                    raise CacheError(f"Flame's object cache sent a base row after patches for {key}.")
+                base_parts.append(_row_buffer(data, row))
+            elif kind == KIND_PATCH:
+                patches.append((int(version), _row_buffer(data, row)))
+            else:
+                raise CacheError(f"Flame's object cache sent a row of unknown kind {kind!r} for {key}.")
+        base = _concat(base_parts) if base_parts else None
+        return Fetched(version=max(int(v) for v in versions), base=base, patches=patches)
+
+    def exists(self, ref: ObjectRef) -> bool:
+        """Whether the cache still holds the object at the version of ``ref``, without fetching it."""
+        if self.storage is not None:
+            return self._file(ref.key).is_file()
+        try:
+            return self.get(ref.key, have=ref.version) is None  # "not modified": nothing is sent
+        except ObjectNotFound:
+            return False
+
+    def read_view(self, ref: ObjectRef) -> memoryview:
+        """An object's data, read-only (mapped from its file, or as Flight received it)."""
+        return self._read(ref)
+
+    def read(self, ref: ObjectRef) -> memoryview:
+        """An object's data as writable memory (a copy-on-write map of its file, when possible)."""
+        return self._read(ref, writable=True)
+
+    def _read(self, ref: ObjectRef, writable: bool = False) -> memoryview:
+        _need_pyarrow()
+        check_key(ref.key)
+        if self.storage is not None:
+            view = self._map_file(ref.key)
+            if view is not None:
+                return view
+        fetched = self.get(ref.key)
+        if fetched is None or fetched.base is None:
+            raise CacheError(f"Flame's object cache at {self.endpoint} sent no data for {ref.key}.")
+        if fetched.patches:
+            raise CacheError(f"Object {ref.key} has patches: it is not a plain value.")
+        if not writable:
+            return memoryview(fetched.base)
+        # Flight's buffers are read-only; values must be as writable as the sender's.
+        copy = allocate(fetched.base.size)
+        copy_into(copy, memoryview(fetched.base))
+        return copy
+
+    def _file(self, key: str) -> Path:
+        assert self.storage is not None
+        app, session, object_id = check_key(key)
+        return self.storage / app / session / f"{object_id}.arrow"
+
+    def _map_file(self, key: str) -> memoryview | None:
+        """The object's data mapped copy-on-write from its storage file, or None to ask the cache."""
+        import pyarrow as pa
+        import pyarrow.ipc as ipc
+
+        path = self._file(key)
+        if path.with_suffix(".deltas").exists():
+            return None
+        try:
+            with open(path, "rb") as handle:
+                size = os.fstat(handle.fileno()).st_size
+                if size == 0:
+                    return None
+                mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        except (FileNotFoundError, ValueError):
+            return None
+        except OSError as exc:
+            raise CacheError(f"Cannot read {path}: {exc}") from None
+        try:
+            whole = pa.py_buffer(mapped)
+            batch = ipc.open_file(whole).get_batch(0)
+            column = batch.column(batch.num_columns - 1)
+            _, offsets, data = column.buffers()
+            (first,) = struct.unpack_from("<i", offsets, column.offset * 4)
+            (last,) = struct.unpack_from("<i", offsets, (column.offset + len(column)) * 4)
+            start = data.address - whole.address + first
+            inside = 0 <= start and start + (last - first) <= size
+            del whole, batch, column, offsets, data  # release their hold on the map
+        except (pa.ArrowException, IndexError, struct.error):
+            return None  # not a file we can map (compressed, another layout): stream it instead
+        if not inside:
+            return None
+        return memoryview(mapped)[start : start + last - first]
+
+    # -- delete and list ---------------------------------------------------------------------
+
+    def delete(self, key: str) -> None:
+        """Delete one object, every object of ``<app>/<session>``, or of ``<app>/*``."""
+        _need_pyarrow()
+        import pyarrow.flight as flight
+
+        pieces = check_key(key, (2, 3))
+        if pieces[1] == "*" and len(pieces) == 3:
+            raise CacheError(f"Invalid object key {key!r}: '*' stands for every session, without an id.")
+        with self._errors(f"delete {key}"):
+            results = list(self._flight().do_action(flight.Action("DELETE", key.encode()), self._options()))
+        if not results:
+            raise CacheError(f"Flame's object cache at {self.endpoint} did not confirm deleting {key}.")
+
+    def list(self) -> list[ObjectInfo]:
+        """Every object the cache holds (``ListFlights``)."""
+        _need_pyarrow()
+        infos = []
+        with self._errors("list objects"):
+            for info in self._flight().list_flights(options=self._options()):
+                for endpoint in info.endpoints:
+                    key = endpoint.ticket.ticket.decode("utf-8", "replace").rsplit(":", 1)[0]
+                    infos.append(ObjectInfo(key=key, size=int(info.total_bytes)))
+        return infos
+
+
+def upload_file(cache: CacheClient, path: str | os.PathLike[str], key: str) -> str:
+    """Upload a file (an application package) and return its ``grpc(s)://HOST:PORT/<key>`` url.
+
+    Flame's executor managers download ``grpc://`` and ``grpcs://`` application urls from
+    the object cache, so a cluster needs no shared file system for packages. Flame's own
+    tools use keys ``<app>/pkg/<file name>``.
+    """
+    check_key(key)
+    location = urlsplit(cache.location)
+    if location.scheme not in ("grpc", "grpc+tcp", "grpc+tls") or not location.hostname:
+        raise CacheError(
+            f"The object cache at {cache.endpoint} has no network address that executors could "
+            "download from: a package url needs a grpc://HOST:PORT cache."
+        )
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            data: Any = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    except OSError as exc:
+        raise CacheError(f"Cannot read {path}: {exc}") from None
+    ref = cache.put(key, data)
+    scheme = "grpcs" if location.scheme == "grpc+tls" else "grpc"
+    return f"{scheme}://{location.netloc}/{ref.key}"
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def _put_schema() -> pa.Schema:
+    import pyarrow as pa
+
+    return pa.schema([("version", pa.uint64()), ("data", pa.binary())])
+
+
+def _path_descriptor(key: str) -> flight.FlightDescriptor:
+    import pyarrow.flight as flight
+
+    return flight.FlightDescriptor.for_path(key)  # one element: the whole key
+
+
+def _rows(
+    schema: pa.Schema, buffer: pa.Buffer, start: int, end: int, one_row: bool = False, version: int = 0
+) -> pa.RecordBatch:
+    """Rows of ``buffer[start:end]`` (1 MiB each, or one), without copying the data.
+
+    A put's rows carry version 0 (the cache numbers versions); a file's, the version it is.
+    """
+    import pyarrow as pa
+
+    size = end - start
+    step = max(size, 1) if one_row else ROW_BYTES
+    bounds = list(range(0, size, step)) + [size]
+    if size == 0:
+        bounds = [0, 0]
+    count = len(bounds) - 1
+    offsets = pa.py_buffer(struct.pack(f"<{count + 1}i", *bounds))
+    data = pa.Array.from_buffers(pa.binary(), count, [None, offsets, buffer.slice(start, size)])
+    versions = pa.array([version] * count, type=pa.uint64())
+    return pa.RecordBatch.from_arrays([versions, data], schema=schema)
+
+
+def _row_buffer(column: pa.ChunkedArray, row: int) -> pa.Buffer:
+    """The bytes of one binary row, without copying."""
+    for chunk in column.chunks:
+        if row < len(chunk):
+            offsets = chunk.buffers()[1]
+            first, last = struct.unpack_from("<2i", offsets, (chunk.offset + row) * 4)
+            return chunk.buffers()[2].slice(first, last - first)
+        row -= len(chunk)
+    raise IndexError(row)
+
+
+def _concat(parts: list[pa.Buffer]) -> pa.Buffer:
+    if len(parts) == 1:
+        return parts[0]
+    total = allocate(sum(p.size for p in parts))
+    offset = 0
+    for part in parts:
+        copy_into(total[offset : offset + part.size], memoryview(part))
+        offset += part.size
+    import pyarrow as pa
+
+    return pa.py_buffer(total)
+
+
+def allocate(size: int) -> memoryview:
+    """Writable memory from Arrow's pool, which reuses freed pages (no fresh page faults)."""
+    import pyarrow as pa
+
+    return memoryview(pa.allocate_buffer(size)).cast("B")
+
+
+def copy_into(destination: memoryview, source: memoryview) -> None:
+    """Copy bytes, with several threads when large (one core does not saturate memory)."""
+    import pyarrow as pa
+
+    if source.nbytes < 8 * 1024 * 1024:
+        destination.cast("B")[:] = source.cast("B")
+        return
+    writer = pa.FixedSizeBufferWriter(pa.py_buffer(destination))
+    writer.set_memcopy_threads(min(4, os.cpu_count() or 1))
+    writer.write(pa.py_buffer(source))
+    writer.close()
+
+
+def _check_size(size: int, key: str) -> None:
+    if size > MAX_OBJECT_BYTES:
+        raise CacheError(
+            f"Cannot store {size} bytes under {key}: Flame's object cache holds at most "
+            f"{MAX_OBJECT_BYTES} bytes per object; split the data into several objects."
+        )
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _short(exc: BaseException) -> str:
+    """Flight's message without the server's traceback and gRPC's debug context."""
+    text = str(exc)
+    for marker in (". Detail: Python exception", ". gRPC client debug context", ". Client context"):
+        text = text.split(marker, 1)[0]
+    return text.strip().strip("'") or type(exc).__name__

@@ -1,0 +1,365 @@
+"""Fan-out: one cell run once per item of an iterable, each item a Flame task of one session.
+
+The cell's shared inputs are pickled and encoded once; each item's task input is those
+bytes followed by the encoding of one more ``Value`` (protobuf merges concatenated
+messages, so the runner reads one CellRequest whose inputs end with the item).
+
+Flame has no CancelTask, and ``CloseSession`` is refused while any task runs; a runner that
+finishes a task is given the next pending one at once, so a session full of pending items
+could only be closed once all of them ran. Items are therefore sent as a moving window:
+three per instance, plus a quarter of a second's worth at the measured rate. The window
+keeps every runner busy, and is all that still runs after an interrupt or a failure.
+
+The thread that runs :meth:`MapRun.run` (the one a KeyboardInterrupt reaches) sends items,
+several CreateTask calls in flight at once, and reports progress. Watcher threads follow
+the tasks in the order they were sent: one watcher, asking Flame about a few tasks at a
+time, keeps up with quick items at the least cost (threads only contend for the GIL); when
+nothing finishes for a while, a slow item holds its watcher and another one starts, up to
+one more than the instances.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from flame_magic import codec
+from flame_magic.capture import ShipError, format_size
+from flame_magic.client import FlameClient, FlameError, WaitStopped
+from flame_magic.errors import CellFailed, remote_error
+from flame_magic.protocol import TERMINAL_TASK_STATES, cell, types
+
+# Items in flight beyond the runners' own: per instance, and the seconds' worth at the
+# measured rate (bounded), so that the window refills before a runner goes idle.
+AHEAD_PER_INSTANCE = 2
+AHEAD_SECONDS = 0.25
+MAX_AHEAD = 1024
+MAX_WATCHERS = 16
+PROGRESS_INTERVAL = 0.2
+# Tasks a watcher takes from the queue at once, and asks Flame about together.
+WATCH_BATCH = 8
+# Seconds without a finished item, while items wait to be watched, before another watcher starts.
+STALL_SECONDS = 0.05
+
+
+class _NotDone:
+    """The value of an item that did not finish (interrupted, or the map stopped at a failure)."""
+
+    _instance: _NotDone | None = None
+
+    def __new__(cls) -> _NotDone:
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NOT_DONE"
+
+    def __reduce__(self) -> str:
+        return "NOT_DONE"
+
+
+#: Stands in the results for an item that did not finish.
+NOT_DONE = _NotDone()
+
+
+@dataclass
+class Progress:
+    """How far a map is, for the progress display."""
+
+    done: int
+    total: int
+    failed: int
+    elapsed: float
+
+    @property
+    def rate(self) -> float:
+        return self.done / self.elapsed if self.elapsed > 0 else 0.0
+
+
+@dataclass
+class MapOutcome:
+    """What a map produced, in input order.
+
+    Attributes
+    ----------
+    results
+        One entry per item: its last expression's value (None when the cell ends with a
+        statement), its exception if it failed, or :data:`NOT_DONE`.
+    outputs
+        ``(index, CellResult)`` of the items that printed or displayed something, by index.
+    failure
+        ``(index, exception)`` of the first failure seen, when failures stop the map.
+    fatal
+        An error that stopped the whole map (the session could not start, Flame went away).
+    interrupted
+        Whether a KeyboardInterrupt stopped it.
+    """
+
+    results: list[Any]
+    outputs: list[tuple[int, cell.CellResult]] = field(default_factory=list)
+    failure: tuple[int, BaseException] | None = None
+    fatal: BaseException | None = None
+    interrupted: bool = False
+    progress: Progress | None = None
+    left_running: int = 0
+
+
+def item_payloads(shared: bytes, name: str, items: Sequence[Any], limit: int) -> list[bytes]:
+    """The task input of every item: the encoded shared request, then the item as one more input.
+
+    Raises
+    ------
+    ShipError
+        If an item cannot be pickled, or its task would exceed ``limit`` bytes.
+    """
+    payloads = []
+    for index, item in enumerate(items):
+        try:
+            pickled = codec.dumps(item)
+        except codec.UnpicklableError as exc:
+            kind = f"{type(item).__module__}.{type(item).__qualname__}"
+            raise ShipError(
+                f"Cannot send item {index} ({kind}) of the map to the Flame runner: {exc}. "
+                "Map over picklable values (e.g. file names or parameters) and create the rest in the cell."
+            ) from None
+        payload = (
+            shared + cell.CellRequest(inputs=[cell.Value(name=name, pickle=pickled)]).SerializeToString()
+        )
+        if len(payload) > limit:
+            raise ShipError(
+                f"Item {index} of the map would send {format_size(len(payload))} to Flame (the cell's "
+                f"shared inputs are {format_size(len(shared))}), over its {format_size(limit)} limit "
+                "for a task. Map over smaller items (e.g. file names or slices' bounds) and load the "
+                "data inside the cell."
+            )
+        payloads.append(payload)
+    return payloads
+
+
+class MapRun:
+    """One map: sends the items' tasks, follows them, and gathers their results.
+
+    Parameters
+    ----------
+    client
+        The Flame client.
+    session_id
+        The session the items run in (its max_instances bounds the parallelism).
+    payloads
+        Each item's task input (see :func:`item_payloads`).
+    instances
+        The session's max_instances, to size the window of items in flight.
+    result_of
+        Turns a finished task into its CellResult; raises CellFailed when there is none.
+    value_of
+        The item's value from its CellResult (unpickled, or as the runner showed it).
+    stop_at_failure
+        Stop sending items at the first failure (else failures take their item's place).
+    on_progress
+        Called on this thread at most every :data:`PROGRESS_INTERVAL` seconds, and at the end.
+    """
+
+    def __init__(
+        self,
+        client: FlameClient,
+        session_id: str,
+        payloads: list[bytes],
+        instances: int,
+        result_of: Callable[[types.Task], cell.CellResult],
+        value_of: Callable[[cell.CellResult], Any],
+        stop_at_failure: bool = True,
+        on_progress: Callable[[Progress], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.session_id = session_id
+        self.payloads = payloads
+        self.instances = max(1, instances)
+        self._result_of = result_of
+        self._value_of = value_of
+        self._stop_at_failure = stop_at_failure
+        self._on_progress = on_progress
+        total = len(payloads)
+        self._results: list[Any] = [NOT_DONE] * total
+        self._outputs: dict[int, cell.CellResult] = {}
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+        self._queue: queue.SimpleQueue[tuple[int, str] | None] = queue.SimpleQueue()
+        self._done = 0
+        self._failed = 0
+        self._failure: tuple[int, BaseException] | None = None
+        self._fatal: BaseException | None = None
+        self._started = 0.0
+        self._last_done = 0.0
+        self._watchers: list[threading.Thread] = []
+
+    def run(self) -> MapOutcome:
+        """Run every item; return what finished, also when interrupted (then ``interrupted`` is set)."""
+        total = len(self.payloads)
+        self._started = self._last_done = time.monotonic()
+        self._add_watcher()
+        interrupted = False
+        sent = 0
+        try:
+            sent = self._pump(total)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            self._stop.set()
+            for _ in self._watchers:
+                self._queue.put(None)
+        with self._cond:
+            outcome = MapOutcome(
+                results=list(self._results),
+                outputs=sorted(self._outputs.items()),
+                failure=self._failure,
+                fatal=self._fatal,
+                interrupted=interrupted,
+                progress=self._progress(),
+            )
+            outcome.left_running = max(0, sent - self._done)
+        if self._on_progress is not None and outcome.progress is not None:
+            self._on_progress(outcome.progress)
+        return outcome
+
+    def _pump(self, total: int) -> int:
+        """Send items as the window allows until all are done or the map must stop; return how many went."""
+        sent = 0
+        next_report = time.monotonic()
+        while True:
+            with self._cond:
+                while True:
+                    if self._fatal is not None or (self._failure is not None and self._stop_at_failure):
+                        return sent
+                    if self._done >= total:
+                        return sent
+                    room = self._window() - (sent - self._done)
+                    if sent < total and room > 0:
+                        break
+                    now = time.monotonic()
+                    if now >= next_report:
+                        break
+                    self._cond.wait(min(next_report - now, STALL_SECONDS))
+                    self._unstall()
+            burst = self.payloads[sent : sent + max(0, min(room, total - sent))]
+            try:
+                for task in self.client.create_tasks(self.session_id, burst):
+                    self._queue.put((sent, task.metadata.id))
+                    sent += 1
+            except FlameError as exc:
+                with self._cond:
+                    self._fatal = exc
+                return sent
+            now = time.monotonic()
+            if now >= next_report:
+                next_report = now + PROGRESS_INTERVAL
+                if self._on_progress is not None:
+                    self._on_progress(self._progress())
+
+    def _unstall(self) -> None:
+        """Add a watcher when tasks wait to be watched and none finished for a while.
+
+        One watcher follows a stream of quick items best (threads only contend for the
+        GIL); a slow item holds its watcher, and the items after it need another one.
+        """
+        if (
+            len(self._watchers) < min(MAX_WATCHERS, self.instances + 1)
+            and self._queue.qsize() > 0
+            and time.monotonic() - self._last_done > STALL_SECONDS
+        ):
+            self._add_watcher()
+            self._last_done = time.monotonic()
+
+    def _add_watcher(self) -> None:
+        watcher = threading.Thread(target=self._watch, name=f"flmrun-map-{len(self._watchers)}", daemon=True)
+        self._watchers.append(watcher)
+        watcher.start()
+
+    def _window(self) -> int:
+        """How many items may be in flight (sent and not finished)."""
+        elapsed = time.monotonic() - self._started
+        rate = self._done / elapsed if elapsed > 0 else 0.0
+        ahead = min(MAX_AHEAD, int(rate * AHEAD_SECONDS))
+        return self.instances * (1 + AHEAD_PER_INSTANCE) + ahead
+
+    def _progress(self) -> Progress:
+        return Progress(
+            done=self._done,
+            total=len(self.payloads),
+            failed=self._failed,
+            elapsed=time.monotonic() - self._started,
+        )
+
+    def _watch(self) -> None:
+        """Follow tasks in the order they were sent, a batch at a time, until told to stop."""
+        last = False
+        while not last and not self._stop.is_set():
+            batch = [self._queue.get()]
+            while batch[-1] is not None and len(batch) < WATCH_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            if batch[-1] is None:
+                last = True
+                batch.pop()
+            jobs = [job for job in batch if job is not None]
+            try:
+                self._collect(jobs)
+            except WaitStopped:
+                return
+            except FlameError as exc:  # includes SessionStartError, SessionGoneError
+                with self._cond:
+                    if self._fatal is None:
+                        self._fatal = exc
+                    self._cond.notify_all()
+                return
+
+    def _collect(self, jobs: list[tuple[int, str]]) -> None:
+        # Behind (several tasks to follow): they have probably finished, and GetTasks made
+        # together cost less than watches made one by one. Caught up (one task): watch it.
+        found: list[types.Task | None] = [None] * len(jobs)
+        if len(jobs) > 1:
+            found = list(self.client.get_tasks(self.session_id, [task_id for _, task_id in jobs]))
+        unfinished = []
+        for job, task in zip(jobs, found, strict=True):
+            if task is None or task.status.state not in TERMINAL_TASK_STATES:
+                unfinished.append(job)
+            else:
+                self._record(job[0], task)
+        for index, task_id in unfinished:
+            self._record(index, self.client.wait_task(self.session_id, task_id, stop=self._stop))
+
+    def _record(self, index: int, task: types.Task) -> None:
+        value, error, result = self._outcome(task)
+        with self._cond:
+            self._done += 1
+            self._last_done = time.monotonic()
+            if error is not None:
+                self._failed += 1
+                self._results[index] = error
+                if self._failure is None:
+                    self._failure = (index, error)
+            else:
+                self._results[index] = value
+            if result is not None and len(result.outputs) > 0:
+                self._outputs[index] = result
+            self._cond.notify_all()
+
+    def _outcome(self, task: types.Task) -> tuple[Any, BaseException | None, cell.CellResult | None]:
+        """The item's value, or its exception, and its CellResult if the runner gave one."""
+        try:
+            result = self._result_of(task)
+        except CellFailed as exc:
+            return None, exc, None
+        if result.HasField("error"):
+            error = result.error
+            return None, remote_error(error.ename, error.evalue, error.traceback), result
+        try:
+            return self._value_of(result), None, result
+        except Exception as exc:
+            return None, exc, result

@@ -1,0 +1,395 @@
+"""Values between the notebook and the runner: in the task's message, or through the object cache.
+
+Flame carries a task's input and output in messages of at most 4 MiB. A value whose pickle
+and buffers together pass :data:`INLINE_LIMIT` is therefore pickled with protocol 5's
+out-of-band buffers (:func:`flame_magic.codec.dumps_oob`) and its buffers, and the pickle
+itself when large, are stored in Flame's object cache; the message carries
+:class:`~flame_magic.protocol.cell.Blob` s, references to them. Nothing is copied on the
+way out but into the cache: a numpy array's memory goes straight to the cache's file or
+socket.
+
+Each blob is named by a hash of its content, and a :class:`Shipper` (one per session and
+side) remembers what it has stored, and what it has received: a value unchanged since it
+last travelled is not uploaded again. The notebook names its objects
+``<app>/<session>/in-<digest>``, the runner ``.../out-<digest>``, so that neither replaces
+the other's objects; the notebook deletes ``<app>/<session>`` when it closes the session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from flame_magic import codec
+from flame_magic.protocol import cell
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from flame_magic.cache import CacheClient
+
+# A value larger than this (pickle and buffers) travels through the cache, when there is one.
+INLINE_LIMIT = 256 * 1024
+# Out-of-band buffers smaller than this stay inside the pickle: one cache object each
+# would cost more than the copy.
+MIN_BUFFER = 64 * 1024
+# One cache object holds at most 2 GiB; larger buffers are split into parts of this size.
+PART_BYTES = 1024**3
+# Content hashes are computed over chunks of this size, in parallel.
+HASH_CHUNK = 8 * 1024 * 1024
+# Objects a side keeps in the cache for values that may be sent again unchanged, beyond
+# those of the last two requests (a larger, older rest is deleted, least recently used first).
+KEEP_BYTES = 256 * 1024 * 1024
+
+# What to do about a value too large for a task, with no cache configured.
+CACHE_HINT = (
+    "configure Flame's object cache so that large values travel through it: set FLAME_CACHE_ENDPOINT="
+    "grpc://HOST:9090, or `cache: {endpoint: grpc://HOST:9090}` in the context in ~/.flame/flame.yaml"
+)
+
+NOTEBOOK_SIDE = "in"
+RUNNER_SIDE = "out"
+
+# Below this, writing a file while hashing saves less than starting the write costs.
+STAGE_MIN = 4 * 1024 * 1024
+
+_pool: ThreadPoolExecutor | None = None
+_write_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _threads() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(
+                max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="flame-hash"
+            )
+        return _pool
+
+
+def _writer() -> ThreadPoolExecutor:
+    global _write_pool
+    with _pool_lock:
+        if _write_pool is None:
+            _write_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flame-write")
+        return _write_pool
+
+
+def _address(data: memoryview) -> int:
+    """Where a buffer's memory starts (with its size, a hint that it was shipped before)."""
+    import pyarrow as pa
+
+    return int(pa.py_buffer(data).address)
+
+
+def digest(data: memoryview) -> str:
+    """A content hash of ``data``: SHA-256 over SHA-256s of its chunks, hashed in parallel.
+
+    hashlib releases the GIL on large inputs, so the chunks hash on several cores.
+    """
+    data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    size = data.nbytes
+    if size <= HASH_CHUNK:
+        chunk_digests = [hashlib.sha256(data).digest()]
+    else:
+        chunks = [data[start : start + HASH_CHUNK] for start in range(0, size, HASH_CHUNK)]
+        chunk_digests = list(_threads().map(lambda chunk: hashlib.sha256(chunk).digest(), chunks))
+    top = hashlib.sha256(size.to_bytes(8, "little"))
+    for chunk_digest in chunk_digests:
+        top.update(chunk_digest)
+    return top.hexdigest()[:40]
+
+
+@dataclass
+class Outgoing:
+    """A value pickled for sending, before it is known whether it travels inline."""
+
+    name: str
+    pickled: codec.Pickled
+
+
+class Shipper:
+    """Packs and unpacks values for one session, through the object cache when they are large.
+
+    Parameters
+    ----------
+    cache
+        The object cache, or None: values then always travel inline (and large ones are
+        refused by the size check with a note on configuring a cache).
+    key_prefix
+        ``<app>/<session>``, under which this side stores its objects.
+    side
+        ``"in"`` for the notebook, ``"out"`` for the runner: part of every key.
+
+    Attributes
+    ----------
+    uploads : int
+        Objects stored so far (a value sent again unchanged stores none).
+    uploaded_bytes : int
+        Their bytes.
+    keep_bytes : int
+        See :data:`KEEP_BYTES`.
+    """
+
+    def __init__(self, cache: CacheClient | None, key_prefix: str | None, side: str = NOTEBOOK_SIDE) -> None:
+        self.cache = cache
+        self.key_prefix = key_prefix
+        self.side = side
+        self.uploads = 0
+        self.uploaded_bytes = 0
+        self.keep_bytes = KEEP_BYTES
+        self._known: dict[str, cell.Blob] = {}  # digest -> blob stored or received in this session
+        self._stored: dict[str, int] = {}  # digest -> request that last used it, for what we stored
+        self._places: dict[tuple[int, int], str] = {}  # (address, size) -> digest last shipped from there
+        self._request = 0
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        """Whether large values go through the cache (a cache, and a session to file them under)."""
+        return self.cache is not None and bool(self.key_prefix)
+
+    def access(self) -> cell.CacheAccess | None:
+        """What the runner needs to send large results back this way."""
+        if self.cache is None or not self.key_prefix:
+            return None
+        return cell.CacheAccess(endpoint=self.cache.endpoint, key_prefix=self.key_prefix)
+
+    # -- sending -------------------------------------------------------------------------
+
+    def new_request(self) -> None:
+        """Start a new request: what it stores or loads counts as used by it (see :meth:`evict`)."""
+        with self._lock:
+            self._request += 1
+
+    def evict(self) -> None:
+        """Delete what this side stored beyond :attr:`keep_bytes`, least recently used first.
+
+        Objects used by the current request or the one before are kept: the other side may
+        still be reading them. Call it once a request's values are stored and its inputs
+        loaded. Deleting old objects early also lets the cache reuse their memory, which is
+        faster than fresh memory.
+        """
+        with self._lock:
+            recent = self._request - 1
+            by_age = sorted(self._stored.items(), key=lambda item: item[1], reverse=True)
+            kept = 0
+            doomed = []
+            for content, used in by_age:
+                size = self._known[content].size
+                if used >= recent:
+                    continue
+                if kept + size <= self.keep_bytes:
+                    kept += size
+                    continue
+                doomed.append(content)
+            blobs = [self._known.pop(content) for content in doomed]
+            for content in doomed:
+                del self._stored[content]
+        if self.cache is None:
+            return
+        from flame_magic.cache import CacheError, ObjectRef
+
+        for blob in blobs:
+            for ref in blob.refs:
+                try:
+                    self.cache.delete(ObjectRef.decode(ref).key)
+                except CacheError:
+                    pass  # gone already, or the cache is down: the session's end deletes it
+
+    def pickle(self, value: Any) -> codec.Pickled:
+        """Pickle a value for :meth:`ship`; large buffers stay out of band when a cache exists.
+
+        Raises
+        ------
+        codec.UnpicklableError
+            If it does not pickle.
+        """
+        if not self.enabled:
+            return codec.Pickled(codec.dumps(value))
+        pickled = codec.dumps_oob(value, MIN_BUFFER)
+        if pickled.buffers and pickled.size <= INLINE_LIMIT:
+            # Small after all: one pickle with its buffers inside is cheaper than the cache.
+            return codec.Pickled(codec.dumps(value))
+        return pickled
+
+    def ship(self, name: str, pickled: codec.Pickled, force: bool = False) -> cell.Value:
+        """The message form of a pickled value: inline when small, else by reference.
+
+        Parameters
+        ----------
+        force
+            Go through the cache even when small (to fit many values in one message).
+        """
+        if not self.enabled or (pickled.size <= INLINE_LIMIT and not force):
+            if pickled.buffers:
+                raise ValueError(f"{name}: out-of-band buffers need the object cache")
+            return cell.Value(name=name, pickle=pickled.pickle)
+        value = cell.Value(name=name)
+        for buffer in pickled.buffers:
+            value.buffers.append(self._store(buffer))
+        if len(pickled.pickle) > INLINE_LIMIT or (force and not pickled.buffers):
+            value.cached_pickle.CopyFrom(self._store(memoryview(pickled.pickle)))
+        else:
+            value.pickle = pickled.pickle
+        return value
+
+    def ship_all(self, outgoing: Sequence[Outgoing], budget: int) -> list[cell.Value]:
+        """Ship several values so that together they take at most ``budget`` bytes inline."""
+        values = [self.ship(item.name, item.pickled) for item in outgoing]
+        if not self.enabled:
+            return values
+        sizes = sorted(((v.ByteSize(), i) for i, v in enumerate(values)), reverse=True)
+        total = sum(size for size, _ in sizes)
+        for size, index in sizes:
+            if total <= budget or size < 1024:
+                break
+            values[index] = self.ship(outgoing[index].name, outgoing[index].pickled, force=True)
+            total += values[index].ByteSize() - size
+        return values
+
+    def _store(self, data: memoryview) -> cell.Blob:
+        """Store bytes in the cache (or find them stored already) and describe them."""
+        assert self.cache is not None and self.key_prefix is not None
+        data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        size = data.nbytes
+        staging = None
+        place = (_address(data), size)
+        with self._lock:
+            # An input shipped from this memory before is likely unchanged (the same frame
+            # sent to cell after cell): hash first, and maybe write nothing. Anything else,
+            # and results (mostly new), likely is new: write its file while its hash (its
+            # key) is computed, both at memory speed, on different cores.
+            likely_unchanged = self.side == NOTEBOOK_SIDE and self._places.get(place) in self._known
+        if self.cache.storage is not None and STAGE_MIN <= size <= PART_BYTES and not likely_unchanged:
+            staging = _writer().submit(self.cache.stage, self.key_prefix, data)
+        try:
+            content = digest(data)
+        except BaseException:
+            self._drop(staging)
+            raise
+        with self._lock:
+            known = self._known.get(content)
+            if len(self._places) > 1000:  # a hint, not a record: start over rather than grow
+                self._places.clear()
+            self._places[place] = content
+            if content in self._stored:
+                self._stored[content] = self._request
+        if known is not None and self._still_there(known):
+            self._drop(staging)
+            return known
+        from flame_magic.cache import ObjectRef
+
+        if staging is not None:
+            staged = self.cache.commit(staging.result(), f"{self.key_prefix}/{self.side}-{content}")
+            blob = cell.Blob(size=size, digest=content, refs=[staged.encode()])
+            with self._lock:
+                self._known[content] = blob
+                self._stored[content] = self._request
+                self.uploads += 1
+                self.uploaded_bytes += size
+            return blob
+        parts = [(start, min(size, start + PART_BYTES)) for start in range(0, max(size, 1), PART_BYTES)]
+        blob = cell.Blob(size=size, digest=content)
+        for index, (start, end) in enumerate(parts):
+            key = f"{self.key_prefix}/{self.side}-{content}" + (f"-{index}" if len(parts) > 1 else "")
+            ref: ObjectRef = self.cache.put(key, data[start:end])
+            blob.refs.append(ref.encode())
+        with self._lock:
+            self._known[content] = blob
+            self._stored[content] = self._request
+            self.uploads += len(parts)
+            self.uploaded_bytes += size
+        return blob
+
+    def _drop(self, staging: Future[Path] | None) -> None:
+        """Remove a file written for nothing (the data was stored already)."""
+        if staging is None or self.cache is None:
+            return
+        try:
+            self.cache.discard(staging.result())
+        except Exception:
+            pass  # it failed to write: nothing to remove
+
+    def _still_there(self, blob: cell.Blob) -> bool:
+        from flame_magic.cache import ObjectRef
+
+        assert self.cache is not None
+        return all(self.cache.exists(ObjectRef.decode(ref)) for ref in blob.refs)
+
+    # -- receiving -----------------------------------------------------------------------
+
+    def load(self, value: cell.Value) -> Any:
+        """Rebuild a value from its message form (its header was checked with the message).
+
+        Raises
+        ------
+        flame_magic.cache.CacheError
+            If its data cannot be fetched from the cache.
+        """
+        if not value.buffers and not value.HasField("cached_pickle"):
+            return codec.loads(value.pickle)
+        buffers = [self._fetch(blob) for blob in value.buffers]
+        data = self._fetch(value.cached_pickle) if value.HasField("cached_pickle") else value.pickle
+        loaded = codec.loads_oob(data, buffers)
+        with self._lock:  # what came in need not be stored again to go back out
+            for blob in [*value.buffers, *([value.cached_pickle] if value.HasField("cached_pickle") else [])]:
+                self._known.setdefault(blob.digest, blob)
+                if blob.digest in self._stored:  # ours, sent back: in use again
+                    self._stored[blob.digest] = self._request
+        return loaded
+
+    def _fetch(self, blob: cell.Blob) -> memoryview:
+        from flame_magic.cache import CacheError, ObjectRef
+
+        if self.cache is None:
+            raise CacheError(
+                "A value came by reference through Flame's object cache, but no cache is configured "
+                "here: set FLAME_CACHE_ENDPOINT (or `cache.endpoint` in ~/.flame/flame.yaml)."
+            )
+        refs = [ObjectRef.decode(ref) for ref in blob.refs]
+        if len(refs) == 1:
+            data = self.cache.read(refs[0])
+            if data.nbytes != blob.size:
+                raise CacheError(f"Object {refs[0].key} holds {data.nbytes} bytes, not the {blob.size} sent.")
+            return data
+        from flame_magic.cache import allocate, copy_into
+
+        whole = allocate(blob.size)
+        offset = 0
+        for ref in refs:  # parts as the sender cut them: their sizes come from the cache
+            part = self.cache.read_view(ref)
+            if offset + part.nbytes > blob.size:
+                raise CacheError(f"The parts of a {blob.size}-byte value hold more than that ({ref.key}).")
+            copy_into(whole[offset : offset + part.nbytes], part)
+            offset += part.nbytes
+        if offset != blob.size:
+            raise CacheError(f"The parts of a {blob.size}-byte value hold {offset} bytes.")
+        return whole
+
+    # -- the end of a session ------------------------------------------------------------
+
+    def delete_all(self) -> None:
+        """Delete every object of the session (both sides'), and forget them."""
+        with self._lock:
+            self._known.clear()
+            self._stored.clear()
+            self._places.clear()
+        if self.cache is not None and self.key_prefix:
+            self.cache.delete(self.key_prefix)
+
+
+def blobs(values: Iterable[cell.Value]) -> list[cell.Blob]:
+    """Every blob the values refer to."""
+    found = []
+    for value in values:
+        found.extend(value.buffers)
+        if value.HasField("cached_pickle"):
+            found.append(value.cached_pickle)
+    return found
