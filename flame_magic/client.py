@@ -8,7 +8,7 @@ import string
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,6 +31,7 @@ from flame_magic.protocol import (
 # Flame's own WatchTask says nothing until the next change, so a task that ended
 # before the watch opened is found by the GetTask after the first, short slice.
 WATCH_SLICES_SECONDS = (0.25, 1.0)
+TICK_SECONDS = 0.2
 
 # Every streamed Task carries its input and its output, each up to Flame's limit:
 # this side's receive limit is ours to set, and must hold both.
@@ -269,18 +270,31 @@ class FlameClient:
         request = frontend.GetTaskRequest(task_id=task_id, session_id=session_id)
         return self._call("GetTask", request, f"get task {task_id} of {session_id!r}")  # type: ignore[return-value]
 
-    def wait_task(self, session_id: str, task_id: str, stop: threading.Event | None = None) -> types.Task:
+    def wait_task(
+        self,
+        session_id: str,
+        task_id: str,
+        stop: threading.Event | None = None,
+        tick: Callable[[], None] | None = None,
+    ) -> types.Task:
         """Follow a task to its terminal state and return it, with its events if it failed.
 
         While the task waits, the session's events are checked so that an
         application that cannot start fails the wait instead of hanging it.
         When ``stop`` is set, the wait ends (within a second) with :class:`WaitStopped`.
+        ``tick``, if given, is called about every :data:`TICK_SECONDS` while the task runs
+        (the notebook shows the cell's live output with it).
         """
         started_ms = int(time.time() * 1000) - 1000
         for attempt in itertools.count():
             if stop is not None and stop.is_set():
                 raise WaitStopped(f"stopped waiting for task {task_id} of {session_id!r}")
-            slice_seconds = WATCH_SLICES_SECONDS[min(attempt, len(WATCH_SLICES_SECONDS) - 1)]
+            if tick is not None:
+                if attempt:  # a cell done within the first slice never ticks (no cache calls)
+                    tick()
+                slice_seconds = TICK_SECONDS
+            else:
+                slice_seconds = WATCH_SLICES_SECONDS[min(attempt, len(WATCH_SLICES_SECONDS) - 1)]
             task = self._watch_slice(session_id, task_id, slice_seconds)
             if task is not None and task.status.state in TERMINAL_TASK_STATES:
                 if task.status.state != types.Succeed:

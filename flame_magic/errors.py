@@ -36,7 +36,12 @@ class RemoteError(Exception):
 @cache
 def _remote_class(ename: str) -> type[RemoteError]:
     base = getattr(builtins, ename, None)
-    if isinstance(base, type) and issubclass(base, Exception) and base is not Exception:
+    # KeyboardInterrupt too: an interrupted cell ends as interrupted, as a local one does.
+    if (
+        isinstance(base, type)
+        and (issubclass(base, Exception) or base is KeyboardInterrupt)
+        and base is not Exception
+    ):
         try:
             # Named like the remote type, as Jupyter shows the class name.
             return type(ename, (RemoteError, base), {"__module__": __name__})

@@ -58,6 +58,10 @@ class FlameMagics(Magics):
         config=True
     )
     connect_timeout = Float(10.0, help="Seconds to wait for the Flame session manager.").tag(config=True)
+    interrupt_grace = Float(
+        5.0,
+        help="Seconds an interrupted cell may take to stop before its runner is stopped (and replaced).",
+    ).tag(config=True)
     map_instances = Int(
         0,
         help="Runner instances for --map when --instances is not given "
@@ -207,7 +211,9 @@ class FlameMagics(Magics):
         if plan.background is not None:
             return self._background(plan, request, session_id)
         try:
-            result = self.connection().run(request, plan.key)
+            result = self.connection().run(
+                request, plan.key, show=self._show_output, grace=self.interrupt_grace
+            )
         except ShipError as exc:
             raise UsageError(str(exc)) from None
         except FlameError as exc:
@@ -420,13 +426,18 @@ class FlameMagics(Magics):
     def _show_outputs(result: cell.CellResult) -> None:
         """What the cell printed and displayed, in order."""
         for output in result.outputs:
-            if output.HasField("stream"):
-                stream = sys.stderr if output.stream.name == "stderr" else sys.stdout
-                stream.write(output.stream.text)
-                stream.flush()
-            else:
-                bundle = output.display
-                publish_display_data(json.loads(bundle.data_json), json.loads(bundle.metadata_json or "{}"))
+            FlameMagics._show_output(output)
+
+    @staticmethod
+    def _show_output(output: cell.Output) -> None:
+        """One thing the cell printed or displayed, shown here."""
+        if output.HasField("stream"):
+            stream = sys.stderr if output.stream.name == "stderr" else sys.stdout
+            stream.write(output.stream.text)
+            stream.flush()
+        else:
+            bundle = output.display
+            publish_display_data(json.loads(bundle.data_json), json.loads(bundle.metadata_json or "{}"))
 
     def _value_of(self, result: cell.CellResult) -> Any:
         """The cell's last value: unpickled, else as the runner showed it; None if there is none."""

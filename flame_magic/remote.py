@@ -7,14 +7,16 @@ travel (through the shippers of :mod:`flame_magic.transfer`); it does not presen
 
 from __future__ import annotations
 
+import json
 import os
 import threading
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flame_magic import codec
-from flame_magic.cache import CacheClient, CacheError, ObjectRef
+from flame_magic.cache import CacheClient, CacheError, ObjectNotFound, ObjectRef
 from flame_magic.capture import ShipError, check_size
 from flame_magic.client import (
     FlameClient,
@@ -52,6 +54,67 @@ class SessionInfo:
     failed: int
     cancelled: int
     label: str = ""  # e.g. "named 'train', up to 4 instances"; empty for the default session
+
+
+class LiveChannel:
+    """The notebook's end of a cell's live output and interrupt (see :mod:`runner.live`)."""
+
+    def __init__(
+        self, cache: CacheClient, prefix: str, channel: str, show: Callable[[cell.Output], None]
+    ) -> None:
+        self.cache = cache
+        self.channel = channel
+        self.out_key = f"{prefix}/{channel}-out"
+        self.ctl_key = f"{prefix}/{channel}-ctl"
+        self.show = show
+        self.version = 0
+        self.interrupted = False
+        self.polled = False
+        self._failed = False
+
+    def poll(self) -> None:
+        """Show what the runner appended since the last poll."""
+        if self._failed:
+            return
+        self.polled = True
+        try:
+            fetched = self.cache.get(self.out_key, have=self.version)
+        except ObjectNotFound:
+            return  # the runner makes it on its first flush, after a quarter second
+        except CacheError:
+            self._failed = True  # the runner keeps what it could not send for the result
+            return
+        if fetched is None:
+            return
+        self.version = fetched.version
+        chunks = ([fetched.base] if fetched.base is not None else []) + [data for _, data in fetched.patches]
+        for chunk in chunks:
+            for output in cell.CellResult.FromString(bytes(chunk)).outputs:
+                self.show(output)
+
+    def interrupt(self, grace: float) -> None:
+        """Ask the runner to interrupt the cell, and to exit if it has not stopped after ``grace`` s."""
+        self.cache.put(self.ctl_key, json.dumps({"interrupt": True, "grace": grace}).encode())
+        self.interrupted = True
+
+    def finish(self) -> None:
+        """Show the rest of what was streamed, then remove the channel's objects.
+
+        The runner streams only from a quarter second into the cell, and this side polls
+        from a fifth: a cell that ended before the first poll streamed nothing, so a
+        quick cell costs no cache call at all.
+        """
+        keys = []
+        if self.polled:
+            self.poll()
+            keys.append(self.out_key)
+        if self.interrupted:
+            keys.append(self.ctl_key)
+        for key in keys:
+            try:
+                self.cache.delete(key)
+            except CacheError:
+                pass
 
 
 class Connection:
@@ -243,17 +306,29 @@ class Connection:
             for key in [k for k, v in self._keyed.items() if v == session_id]:
                 del self._keyed[key]
 
-    def run(self, request: cell.CellRequest, key: SessionKey = DEFAULT) -> cell.CellResult:
+    def run(
+        self,
+        request: cell.CellRequest,
+        key: SessionKey = DEFAULT,
+        show: Callable[[cell.Output], None] | None = None,
+        grace: float = 5.0,
+    ) -> cell.CellResult:
         """Run one cell as a task of this notebook's session for ``key`` and return its result.
 
         Values in ``request`` that travel by reference were stored by :meth:`shipper` for the
         same ``key``; the runner is told to send large results back the same way.
+
+        With ``show`` and an object cache, what the cell shows is given to ``show`` while it
+        runs (the result then holds only the rest), and a KeyboardInterrupt while waiting
+        interrupts the remote cell; if it does not stop within ``grace`` seconds its runner
+        is stopped. Without a cache, an interrupt stops waiting and the cell runs on.
         """
         client = self.client()
         if self.cache() is None:  # refused before a session (and a runner) is started for it
             check_size(request, TASK_INPUT_LIMIT, no_cache=True)
         session_id = self.session(key)
         self._allow_cache(request, session_id)
+        live = self._live(request, session_id, show)
         check_size(request, TASK_INPUT_LIMIT)
         data = codec.encode(request)
         try:
@@ -265,6 +340,7 @@ class Connection:
             gone = session_id
             session_id = self.session(key)
             self._allow_cache(request, session_id)
+            live = self._live(request, session_id, show)
             data = codec.encode(request)
             self.notify(
                 f"Session {gone} was closed or deleted outside this notebook (flmctl, an administrator, "
@@ -273,7 +349,7 @@ class Connection:
             )
             task = client.create_task(session_id, data)
         try:
-            task = client.wait_task(session_id, task.metadata.id)
+            task = self._wait(client, session_id, task.metadata.id, live, grace)
         except SessionStartError as exc:
             self._abandon(session_id)
             raise CellFailed(
@@ -286,6 +362,56 @@ class Connection:
             self.forget(session_id)
             raise CellFailed(f"{exc} Run the cell again: a new session starts.") from None
         return self._result(task)
+
+    def _live(
+        self, request: cell.CellRequest, session_id: str, show: Callable[[cell.Output], None] | None
+    ) -> LiveChannel | None:
+        """A channel for the cell's live output and interrupt, when the cache allows one."""
+        request.channel = ""
+        cache = self.cache()
+        if show is None or cache is None or not request.HasField("cache"):
+            return None
+        live = LiveChannel(cache, request.cache.key_prefix, uuid.uuid4().hex, show)
+        request.channel = live.channel
+        return live
+
+    def _wait(
+        self, client: FlameClient, session_id: str, task_id: str, live: LiveChannel | None, grace: float
+    ) -> types.Task:
+        """Wait for the task, showing its live output; an interrupt is passed on to the runner."""
+        if live is None:
+            try:
+                return client.wait_task(session_id, task_id)
+            except KeyboardInterrupt:
+                raise CellFailed(
+                    "Interrupted: this notebook stopped waiting, but the remote cell could not be "
+                    "interrupted (no object cache to reach its runner) and keeps running there; the "
+                    "next cell of this session starts when it ends. `%flame close` stops it."
+                ) from None
+        try:
+            while True:
+                try:
+                    task = client.wait_task(session_id, task_id, tick=live.poll)
+                    break
+                except KeyboardInterrupt:
+                    if live.interrupted:
+                        raise  # a second interrupt: stop waiting
+                    try:
+                        live.interrupt(grace)
+                    except CacheError as exc:
+                        raise CellFailed(
+                            f"Interrupted: this notebook stopped waiting, but the remote cell could not "
+                            f"be interrupted ({exc}) and keeps running on its runner."
+                        ) from None
+        finally:
+            live.finish()  # the last of the output
+        if live.interrupted and task.status.state != types.Succeed and not task.spec.output:
+            raise CellFailed(
+                f"Interrupted: the cell ignored the interrupt for {grace:g} s, so its runner was "
+                "stopped; what it held (imports, definitions) is gone: the next cell starts on a "
+                "fresh runner."
+            )
+        return task
 
     def session_shipper(self, session_id: str) -> Shipper:
         """How values reach ``session_id`` (a session opened with :meth:`open_session`)."""

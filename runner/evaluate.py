@@ -23,6 +23,12 @@ Capturing ``display()``
     process starts. The shell keeps its own namespace, so ``In``, ``Out`` or ``exit`` never
     appear among the cell's variables.
 
+File descriptors and figures
+    What the cell's subprocesses and C code write to fds 1 and 2 is recorded too, in order
+    with its prints (:mod:`runner.fdcapture`). matplotlib uses the inline backend, as in a
+    Jupyter kernel (``MPLBACKEND``, unless set): the figures a cell leaves open are shown
+    as PNG displays at its end and closed.
+
 Size
     Flame carries a task's output in one gRPC message of at most 4 MiB. When the notebook
     reads Flame's object cache (``CellRequest.cache``), large values (the last expression's,
@@ -49,7 +55,7 @@ import threading
 import tokenize
 import traceback
 import types
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
@@ -57,6 +63,10 @@ from flame_magic import codec
 from flame_magic.cache import CacheClient, CacheError
 from flame_magic.protocol import MAX_MESSAGE_BYTES, cell
 from flame_magic.transfer import CACHE_HINT, RUNNER_SIDE, Outgoing, Shipper
+from runner.fdcapture import fd_capture
+
+# matplotlib's backend for cells, as ipykernel sets it: figures become PNG displays.
+INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
 
 # Bytes of assigned values a result may carry inline; the rest goes through the object cache.
 INLINE_BUDGET = 3 * 1024 * 1024
@@ -81,6 +91,7 @@ class _Recorder:
         self.items: list[tuple[str, list[str]] | cell.MimeBundle] = []
         self._room = stream_limit  # characters; bounds memory for a cell that prints forever
         self.dropped = 0  # UTF-8 bytes of stream text not kept
+        self._sent: tuple[int, int] = (0, 0)  # what take() gave: (item, parts or 1) of the last one
 
     def write(self, name: str, text: str) -> None:
         with self._lock:
@@ -100,6 +111,24 @@ class _Recorder:
         with self._lock:
             self.items.append(bundle)
 
+    def take(self) -> list[cell.Output]:
+        """What was shown since the last call, in order (all of it the first time)."""
+        with self._lock:
+            taken: list[cell.Output] = []
+            first, done = self._sent
+            for index in range(first, len(self.items)):
+                item = self.items[index]
+                if isinstance(item, tuple):
+                    text = "".join(item[1][done if index == first else 0 :])
+                    if text:
+                        taken.append(cell.Output(stream=cell.Stream(name=item[0], text=_clean(text))))
+                elif index != first or done == 0:
+                    taken.append(cell.Output(display=item))
+            if self.items:
+                last = self.items[-1]
+                self._sent = (len(self.items) - 1, len(last[1]) if isinstance(last, tuple) else 1)
+            return taken
+
 
 class _Stream(io.TextIOBase):
     """``sys.stdout`` or ``sys.stderr`` for cells: to the running cell's recorder, if any.
@@ -117,6 +146,8 @@ class _Stream(io.TextIOBase):
         self._name = name
         self.fallback = fallback
         self.recorder: _Recorder | None = None
+        # Called before recording: hands over what reached fds 1 and 2 first (fd capture).
+        self.sync: Callable[[], None] | None = None
 
     def writable(self) -> bool:
         return True
@@ -131,6 +162,9 @@ class _Stream(io.TextIOBase):
         if recorder is None:
             return self.fallback.write(text)
         if text:
+            sync = self.sync
+            if sync is not None:
+                sync()
             recorder.write(self._name, text)
         return len(text)
 
@@ -208,6 +242,8 @@ class Evaluator:
             self._own_shell = True
         self._publisher = _make_publisher(shell)
         self._shell = shell
+        if not os.environ.get("MPLBACKEND"):
+            os.environ["MPLBACKEND"] = INLINE_BACKEND
         # The shell installs its own namespace as __main__; cells need theirs to be it.
         sys.modules["__main__"] = self.module
 
@@ -244,14 +280,19 @@ class Evaluator:
         recorder = _Recorder(RESULT_LIMIT)
         self._shipper = self.shipper(request.cache if request.HasField("cache") else None)
         self._shipper.new_request()
-        with self._capture(recorder):
-            self._run(request, result)
-        for item in recorder.items:
-            if isinstance(item, tuple):
-                name, parts = item
-                result.outputs.add(stream=cell.Stream(name=name, text=_clean("".join(parts))))
-            else:
-                result.outputs.add(display=item)
+        live = None
+        if request.channel and self._shipper.enabled and self._shipper.cache is not None:
+            from runner.live import Live
+
+            live = Live(self._shipper.cache, self._shipper.key_prefix or "", request.channel, recorder.take)
+            live.start()
+        try:
+            with self._capture(recorder):
+                self._run(request, result)
+        finally:
+            # Only what the notebook has not seen live comes with the result.
+            unsent = live.stop() if live is not None else []
+        result.outputs.extend(unsent + recorder.take())
         fit_to_limit(result, RESULT_LIMIT, dropped=recorder.dropped, cache=self._shipper.enabled)
         self._shipper.evict()
         return result
@@ -287,13 +328,24 @@ class Evaluator:
         sys.stdout, sys.stderr = self._stdout, self._stderr
         self._publisher.recorder = recorder
         shell.display_pub = self._publisher
+        fds = fd_capture()
+        if fds is not None:
+            fds.start(recorder.write)
+            self._stdout.sync = self._stderr.sync = fds.drain
         try:
             yield
         finally:
-            # Restored even if the cell replaced them itself.
-            sys.stdout, sys.stderr, shell.display_pub = saved
-            self._stdout.recorder = self._stderr.recorder = None
-            self._publisher.recorder = None
+            try:
+                _flush_figures()
+            finally:
+                if fds is not None:
+                    # Everything the cell wrote to fds 1 and 2 is recorded before its result is built.
+                    fds.stop()
+                    self._stdout.sync = self._stderr.sync = None
+                # Restored even if the cell replaced them itself.
+                sys.stdout, sys.stderr, shell.display_pub = saved
+                self._stdout.recorder = self._stderr.recorder = None
+                self._publisher.recorder = None
 
     def _run(self, request: cell.CellRequest, result: cell.CellResult) -> None:
         filename = request.filename or "<flmrun cell>"
@@ -438,6 +490,17 @@ class Evaluator:
             reason = _clean(f"Flame's object cache could not take it: {exc}")
             for item in outgoing:
                 result.not_returned.add(name=item.name, reason=reason)
+
+
+def _flush_figures() -> None:
+    """Show the cell's matplotlib figures as PNG displays and close them, as a local cell does."""
+    backend = sys.modules.get("matplotlib_inline.backend_inline")
+    if backend is None:
+        return
+    try:
+        backend.flush_figures()
+    except Exception as exc:
+        sys.stderr.write(f"matplotlib figures could not be shown: {_ename(exc)}: {_str(exc)}\n")
 
 
 @contextmanager

@@ -53,7 +53,7 @@ class CacheAccess(_message.Message):
     def __init__(self, endpoint: _Optional[str] = ..., key_prefix: _Optional[str] = ...) -> None: ...
 
 class CellRequest(_message.Message):
-    __slots__ = ("header", "source", "filename", "first_line", "inputs", "assign", "timeout", "cache", "values_only")
+    __slots__ = ("header", "source", "filename", "first_line", "inputs", "assign", "timeout", "cache", "values_only", "channel")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     FILENAME_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +63,7 @@ class CellRequest(_message.Message):
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
     VALUES_ONLY_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
     header: Header
     source: str
     filename: str
@@ -72,7 +73,8 @@ class CellRequest(_message.Message):
     timeout: float
     cache: CacheAccess
     values_only: bool
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., source: _Optional[str] = ..., filename: _Optional[str] = ..., first_line: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., assign: _Optional[_Iterable[str]] = ..., timeout: _Optional[float] = ..., cache: _Optional[_Union[CacheAccess, _Mapping]] = ..., values_only: _Optional[bool] = ...) -> None: ...
+    channel: str
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., source: _Optional[str] = ..., filename: _Optional[str] = ..., first_line: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., assign: _Optional[_Iterable[str]] = ..., timeout: _Optional[float] = ..., cache: _Optional[_Union[CacheAccess, _Mapping]] = ..., values_only: _Optional[bool] = ..., channel: _Optional[str] = ...) -> None: ...
 
 class MimeBundle(_message.Message):
     __slots__ = ("data_json", "metadata_json")

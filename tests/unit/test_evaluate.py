@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import sys
 import time
 import types
@@ -356,3 +358,129 @@ def test_timeout_stops_a_blocking_cell_and_says_how_to_change_it():
         assert not after.HasField("error")
     finally:
         evaluator.close()
+
+
+def test_file_descriptor_output_is_captured_in_order_with_prints(evaluator: Evaluator) -> None:
+    source = (
+        "import os, subprocess, sys\n"
+        "print('one')\n"
+        "os.system('echo two')\n"
+        "subprocess.run(['echo', 'three'])\n"
+        "os.write(1, b'four\\n')\n"
+        "print('five')\n"
+        "subprocess.run(['sh', '-c', 'echo six >&2'])\n"
+        "print('seven', file=sys.stderr)\n"
+        "os.write(1, b'eight\\n')\n"
+    )
+
+    outputs = shown(run(evaluator, source))
+
+    assert outputs == [
+        ("stdout", "one\ntwo\nthree\nfour\nfive\n"),
+        ("stderr", "six\nseven\n"),
+        ("stdout", "eight\n"),
+    ]
+
+
+def test_c_level_printf_is_captured_before_the_next_print(evaluator: Evaluator) -> None:
+    source = (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None)\n"
+        "print('python')\n"
+        "libc.printf(b'from C\\n')\n"
+        "print('python again')\n"
+    )
+
+    assert shown(run(evaluator, source)) == [("stdout", "python\nfrom C\npython again\n")]
+
+
+def test_a_forked_child_writing_to_the_file_descriptors_is_captured(evaluator: Evaluator) -> None:
+    source = (
+        "import os\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os.write(1, b'child\\n')\n"
+        "    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+        "print('parent')\n"
+    )
+
+    assert shown(run(evaluator, source)) == [("stdout", "child\nparent\n")]
+
+
+def test_file_descriptors_are_restored_after_the_cell(
+    evaluator: Evaluator, capfd: pytest.CaptureFixture
+) -> None:
+    result = run(evaluator, "import os\nos.write(1, b'inside\\n')\nos.write(2, b'inside too\\n')")
+    os.write(1, b"outside\n")
+    os.write(2, b"outside too\n")
+
+    assert shown(result) == [("stdout", "inside\n"), ("stderr", "inside too\n")]
+    out, err = capfd.readouterr()
+    assert "outside\n" in out and "inside" not in out
+    assert "outside too\n" in err and "inside" not in err
+    # The next cell captures again.
+    assert shown(run(evaluator, "import os\nos.write(1, b'again\\n')")) == [("stdout", "again\n")]
+
+
+def test_output_of_a_subprocess_after_its_cell_does_not_enter_the_next_cell(evaluator: Evaluator) -> None:
+    run(evaluator, "import subprocess\nlate = subprocess.Popen(['sh', '-c', 'sleep 0.3; echo late'])")
+
+    result = run(evaluator, "late.wait()\nimport time\ntime.sleep(0.1)\nprint('mine')")
+
+    # The subprocess inherited the first cell's pipe: its output is the first cell's, sent
+    # to whichever cell is running when it arrives, as a thread's prints are.
+    assert ("stdout", "mine\n") in [(name, text.replace("late\n", "")) for name, text in shown(result)]
+
+
+def test_matplotlib_figures_become_png_displays(evaluator: Evaluator) -> None:
+    if "matplotlib" in sys.modules:
+        pytest.skip("matplotlib was imported in this process before the evaluator chose its backend")
+    source = (
+        "import matplotlib\n"
+        "backend = matplotlib.get_backend()\n"
+        "import matplotlib.pyplot as plt\n"
+        "plt.plot([1, 2, 3])\n"
+        "print('drawn')\n"
+    )
+    result = run(evaluator, source, assign=("backend",))
+
+    assert assigned(result)["backend"] in ("inline", "module://matplotlib_inline.backend_inline")
+    outputs = shown(result)
+    assert [kind for kind, _ in outputs] == ["stdout", "display"]
+    assert base64.b64decode(outputs[1][1]["image/png"]).startswith(b"\x89PNG")
+    assert outputs[1][1]["text/plain"].startswith("<Figure size")
+
+    # plt.show() shows it there; figures are closed after each cell, as in Jupyter.
+    shown_now = shown(run(evaluator, "plt.figure()\nplt.plot([3, 1])\nplt.show()\nprint('after')"))
+    assert [kind for kind, _ in shown_now] == ["display", "stdout"]
+    assert shown(run(evaluator, "x = len(plt.get_fignums())", assign=("x",))) == []
+    assert assigned(run(evaluator, "n = len(plt.get_fignums())", assign=("n",))) == {"n": 0}
+
+
+def test_rich_displays_travel_as_their_mime_data(evaluator: Evaluator) -> None:
+    source = (
+        "from IPython.display import HTML, JSON, SVG, Latex, Markdown, display\n"
+        "display(HTML('<table><tr><td>1</td></tr></table>'))\n"
+        "display(Markdown('# Title'))\n"
+        'display(SVG(\'<svg xmlns="http://www.w3.org/2000/svg"><circle r="1"/></svg>\'))\n'
+        "display(Latex(r'$\\alpha$'))\n"
+        "display(JSON({'a': [1, 2]}))\n"
+        "class Table:\n"
+        "    def _repr_html_(self):\n"
+        "        return '<table><tr><td>remote</td></tr></table>'\n"
+        "    def __repr__(self):\n"
+        "        return 'Table()'\n"
+        "Table()\n"
+    )
+
+    result = run(evaluator, source)
+
+    displays = [data for kind, data in shown(result)]
+    assert displays[0]["text/html"] == "<table><tr><td>1</td></tr></table>"
+    assert displays[1]["text/markdown"] == "# Title"
+    assert "<circle" in displays[2]["image/svg+xml"]
+    assert displays[3]["text/latex"] == "$\\alpha$"
+    assert displays[4]["application/json"] == {"a": [1, 2]}
+    value = json.loads(result.result.data_json)
+    assert value == {"text/html": "<table><tr><td>remote</td></tr></table>", "text/plain": "Table()"}
