@@ -7,6 +7,7 @@ import os
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
+from jupyter_client.manager import start_new_kernel
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +33,16 @@ def shell(isolated_home):
     ip.run_line_magic("load_ext", "flame_magic")
     yield ip
     ip.run_line_magic("unload_ext", "flame_magic")
+
+
+@pytest.fixture
+def kernel(isolated_home):
+    """A real Jupyter kernel (manager, client), shut down afterwards."""
+    manager, client = start_new_kernel(kernel_name="python3", env={**os.environ})
+    yield manager, client
+    client.stop_channels()
+    if manager.is_alive():
+        manager.shutdown_kernel(now=True)
 
 
 class Ran:

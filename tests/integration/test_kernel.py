@@ -8,18 +8,6 @@ import queue
 import signal
 import time
 
-import pytest
-from jupyter_client.manager import start_new_kernel
-
-
-@pytest.fixture
-def kernel(isolated_home):
-    manager, client = start_new_kernel(kernel_name="python3", env={**os.environ})
-    yield manager, client
-    client.stop_channels()
-    if manager.is_alive():
-        manager.shutdown_kernel(now=True)
-
 
 def execute(client, code: str) -> tuple[dict, list[dict]]:
     outputs: list[dict] = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 import time
 
-from test_kernel import execute, kernel, messages_until_idle  # noqa: F401 - the kernel fixture
+from test_kernel import execute, messages_until_idle
 
 
 class Stamped:
@@ -43,7 +43,7 @@ def test_output_shows_while_the_cell_runs_and_only_once(shell):
     assert ended - first > 1.0, "the first line came only at the end"
 
 
-def test_stream_arrives_in_a_kernel_while_the_cell_is_busy(kernel):  # noqa: F811
+def test_stream_arrives_in_a_kernel_while_the_cell_is_busy(kernel):
     _, client = kernel
     execute(client, "%load_ext flame_magic")
     msg_id = client.execute(
@@ -65,20 +65,26 @@ def test_stream_arrives_in_a_kernel_while_the_cell_is_busy(kernel):  # noqa: F81
     assert (stamps[after] - stamps[before]).total_seconds() > 1.0, kinds
 
 
-def test_interrupt_stops_the_remote_cell_and_keeps_the_runner(kernel):  # noqa: F811
+def interrupt_on(manager, marker: str, started: list[float]):
+    """An IOPub hook that interrupts the kernel once the cell has printed ``marker``."""
+
+    def hook(message):
+        if message["msg_type"] == "stream" and marker in message["content"]["text"] and not started:
+            started.append(time.monotonic())
+            manager.interrupt_kernel()
+
+    return hook
+
+
+def test_interrupt_stops_the_remote_cell_and_keeps_the_runner(kernel):
     manager, client = kernel
     execute(client, "%load_ext flame_magic")
     reply, outputs = execute(client, "%%flmrun\nimport os\nos.getpid()")
     pid = outputs[-1]["data"]["text/plain"]
     msg_id = client.execute("%%flmrun\nimport time\nprint('sleeping', flush=True)\ntime.sleep(60)")
-    started = []
-
-    def interrupt_when_running(message):
-        if message["msg_type"] == "stream" and "sleeping" in message["content"]["text"] and not started:
-            started.append(time.monotonic())
-            manager.interrupt_kernel()
-
-    messages = messages_until_idle(client, msg_id, timeout=30, on_message=interrupt_when_running)
+    started: list[float] = []
+    hook = interrupt_on(manager, "sleeping", started)
+    messages = messages_until_idle(client, msg_id, timeout=30, on_message=hook)
     assert started and time.monotonic() - started[0] < 10
     errors = [m for m in messages if m["msg_type"] == "error" and m["parent_header"]["msg_id"] == msg_id]
     assert errors and errors[0]["content"]["ename"] == "KeyboardInterrupt", errors
@@ -87,7 +93,7 @@ def test_interrupt_stops_the_remote_cell_and_keeps_the_runner(kernel):  # noqa: 
     assert reply["status"] == "ok" and outputs[-1]["data"]["text/plain"] == pid
 
 
-def test_a_cell_that_ignores_the_interrupt_is_killed_and_replaced(kernel):  # noqa: F811
+def test_a_cell_that_ignores_the_interrupt_is_killed_and_replaced(kernel):
     manager, client = kernel
     execute(client, "%load_ext flame_magic\n%config FlameMagics.interrupt_grace = 1.5")
     reply, outputs = execute(client, "%%flmrun\nimport os\nos.getpid()")
@@ -96,14 +102,9 @@ def test_a_cell_that_ignores_the_interrupt_is_killed_and_replaced(kernel):  # no
         "%%flmrun\nimport time\nprint('stubborn', flush=True)\nwhile True:\n    try:\n"
         "        time.sleep(60)\n    except KeyboardInterrupt:\n        pass"
     )
-    started = []
-
-    def interrupt_when_running(message):
-        if message["msg_type"] == "stream" and "stubborn" in message["content"]["text"] and not started:
-            started.append(time.monotonic())
-            manager.interrupt_kernel()
-
-    messages = messages_until_idle(client, msg_id, timeout=60, on_message=interrupt_when_running)
+    started: list[float] = []
+    hook = interrupt_on(manager, "stubborn", started)
+    messages = messages_until_idle(client, msg_id, timeout=60, on_message=hook)
     assert started and time.monotonic() - started[0] < 20
     errors = [m for m in messages if m["msg_type"] == "error" and m["parent_header"]["msg_id"] == msg_id]
     assert errors and "ignored the interrupt" in "\n".join(errors[0]["content"]["traceback"]), errors
