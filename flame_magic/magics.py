@@ -211,9 +211,7 @@ class FlameMagics(Magics):
         if plan.background is not None:
             return self._background(plan, request, session_id)
         try:
-            result = self.connection().run(
-                request, plan.key, show=self._show_output, grace=self.interrupt_grace
-            )
+            result = connection.run(request, plan.key, show=self._show_output, grace=self.interrupt_grace)
         except ShipError as exc:
             raise UsageError(str(exc)) from None
         except FlameError as exc:
