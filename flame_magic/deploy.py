@@ -3,7 +3,7 @@
 A Flame cluster starts with ``flmrun``, flamepy's runner (``python -m flamepy.runner.runpy``),
 which runs flamepy's own ``RunnerContext`` objects through the object cache and cannot run
 ``%%flmrun`` cells. :func:`check_application` says so before a session is opened, and
-:func:`deploy` registers flame-magic's runner (``python -m runner``) as an application:
+:func:`deploy` registers flame-magic's runner (``python -m flame_magic_runner``) as an application:
 
 - with ``url`` and ``installer: python``: Flame's executor manager downloads the package
   (a ``file://`` path every executor can read, or ``http(s)://``), ``uv pip install``\\ s it
@@ -34,7 +34,9 @@ from flame_magic.client import FlameClient, FlameError
 from flame_magic.protocol import types
 
 DEFAULT_NAME = "flame-magic"
-RUNNER_MODULE = "runner"
+RUNNER_MODULE = "flame_magic_runner"
+# What flame-magic 0.1 registered (``-m runner``): still recognised, and updated by deploy.
+OLD_RUNNER_MODULE = "runner"
 STOCK_RUNNER_MODULE = "flamepy.runner.runpy"
 # A notebook user runs a cell, reads, edits and runs the next: keep the runner (and what
 # earlier cells imported) warm for ten minutes rather than Flame's default minute.
@@ -63,9 +65,11 @@ def is_stock_runner(spec: types.ApplicationSpec) -> bool:
 
 
 def is_our_runner(spec: types.ApplicationSpec) -> bool:
-    """Whether the application runs flame-magic's runner (``-m runner`` or ``flame-magic-runner``)."""
+    """Whether the application runs flame-magic's runner (``-m flame_magic_runner``, its old
+    name ``-m runner``, or ``flame-magic-runner``)."""
     arguments = list(spec.arguments)
-    module = any(a == "-m" and b == RUNNER_MODULE for a, b in zip(arguments, arguments[1:], strict=False))
+    modules = (RUNNER_MODULE, OLD_RUNNER_MODULE)
+    module = any(a == "-m" and b in modules for a, b in zip(arguments, arguments[1:], strict=False))
     return module or spec.command.endswith("flame-magic-runner")
 
 
@@ -145,7 +149,7 @@ def _pyproject() -> str:
         f'[project]\nname = "flame-magic"\nversion = "{_version()}"\n'
         'description = "flame-magic\'s runner for Flame executors (built by flame_magic.deploy)"\n'
         f'requires-python = "=={PYTHON_VERSION}.*"\ndependencies = [\n{dependencies}]\n\n'
-        '[tool.setuptools.packages.find]\ninclude = ["flame_magic*", "runner*"]\n\n'
+        '[tool.setuptools.packages.find]\ninclude = ["flame_magic*", "flame_magic_runner*"]\n\n'
         '[tool.setuptools.package-data]\n"*" = ["*.pyi", "py.typed"]\n'
     )
 
@@ -153,14 +157,14 @@ def _pyproject() -> str:
 def _package_files() -> list[tuple[str, Path]]:
     """(name in the archive, file) for the sources of flame_magic and runner, sorted."""
     import flame_magic
-    import runner
+    import flame_magic_runner
 
     files = []
-    for package in (flame_magic, runner):
+    for package in (flame_magic, flame_magic_runner):
         root = Path(package.__file__).resolve().parent  # type: ignore[arg-type]
         for path in root.rglob("*"):
             if path.is_file() and "__pycache__" not in path.parts and path.suffix in SOURCE_SUFFIXES:
-                files.append((f"{root.name}/{path.relative_to(root).as_posix()}", path))
+                files.append((f"{package.__name__}/{path.relative_to(root).as_posix()}", path))
     return sorted(files)
 
 

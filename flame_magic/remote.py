@@ -57,7 +57,7 @@ class SessionInfo:
 
 
 class LiveChannel:
-    """The notebook's end of a cell's live output and interrupt (see :mod:`runner.live`)."""
+    """The notebook's end of a cell's live output and interrupt (see :mod:`flame_magic_runner.live`)."""
 
     def __init__(
         self, cache: CacheClient, prefix: str, channel: str, show: Callable[[cell.Output], None]

@@ -1,4 +1,4 @@
-"""The runner process: ``python -m runner`` or ``flame-magic-runner``.
+"""The runner process: ``python -m flame_magic_runner`` or ``flame-magic-runner``.
 
 Flame's executor manager starts it once per session binding, in its own process group,
 with ``FLAME_INSTANCE_ENDPOINT`` naming the Unix socket to serve ``flame.v1.Instance``
@@ -25,7 +25,7 @@ from types import FrameType
 import grpc
 
 from flame_magic.protocol import add_InstanceServicer_to_server, cell
-from runner.service import InstanceService, MainThread
+from flame_magic_runner.service import InstanceService, MainThread
 
 log = logging.getLogger("flame_magic.runner")
 
@@ -177,7 +177,7 @@ def main() -> int:
     # it on the path, the console script does not.
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, "")
-    from runner import evaluate
+    from flame_magic_runner import evaluate
 
     status = serve(socket_path(endpoint), evaluate.evaluate, prepare=evaluate.prepare)
     # Leave without joining threads a cell may have left running, which would keep the

@@ -63,7 +63,8 @@ from flame_magic import codec
 from flame_magic.cache import CacheClient, CacheError
 from flame_magic.protocol import MAX_MESSAGE_BYTES, cell
 from flame_magic.transfer import CACHE_HINT, RUNNER_SIDE, Outgoing, Shipper
-from runner.fdcapture import fd_capture
+
+from .fdcapture import fd_capture
 
 # matplotlib's backend for cells, as ipykernel sets it: figures become PNG displays.
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
@@ -282,7 +283,7 @@ class Evaluator:
         self._shipper.new_request()
         live = None
         if request.channel and self._shipper.enabled and self._shipper.cache is not None:
-            from runner.live import Live
+            from .live import Live
 
             live = Live(self._shipper.cache, self._shipper.key_prefix or "", request.channel, recorder.take)
             live.start()

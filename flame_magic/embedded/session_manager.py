@@ -261,15 +261,15 @@ class SessionManager:
     # -- applications ----------------------------------------------------------------------
 
     def register_default_applications(self) -> None:
-        """Register ``flmrun``, served by flame-magic's runner (``python -m runner``)."""
+        """Register ``flmrun``, served by flame-magic's runner (``python -m flame_magic_runner``)."""
         spec = types.ApplicationSpec(
             shim=types.Host,
             description=(
-                "flame-magic's runner: evaluates %%flmrun notebook cells (python -m runner), "
+                "flame-magic's runner: evaluates %%flmrun notebook cells (python -m flame_magic_runner), "
                 "served by the embedded Flame"
             ),
             command=sys.executable,
-            arguments=["-m", "runner"],
+            arguments=["-m", "flame_magic_runner"],
             working_directory=self.working_directory,
             delay_release=FLMRUN_DELAY_RELEASE,
         )

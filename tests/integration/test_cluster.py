@@ -314,7 +314,7 @@ def test_stock_flmrun_is_detected_and_deploy_switches_to_our_runner(run, magics,
         deployed = run(f"%flame deploy --installed --python {sys.executable}")
         assert deployed.error is None, deployed.error
         assert f"Application 'flame-magic' registered on Flame at {flame.endpoint}" in deployed.stdout
-        assert f"`{sys.executable} -m runner`" in deployed.stdout
+        assert f"`{sys.executable} -m flame_magic_runner`" in deployed.stdout
         assert magics.application == "flame-magic"
         assert run("%%flmrun\n6 * 7").value == 42
         app = admin.get_application("flame-magic")
@@ -390,14 +390,17 @@ def test_the_runner_package_installs_and_runs_as_flames_python_installer_would(
     spec = types.ApplicationSpec(
         shim=types.Host,
         command=sys.executable,
-        arguments=["-S", "-m", "runner"],
+        arguments=["-S", "-m", "flame_magic_runner"],
         environments=[types.Environment(name="PYTHONPATH", value=pythonpath)],
         working_directory=str(tmp_path),
     )
     admin.register_application("installed-runner", spec)
     run(f"%flame connect {cluster.endpoint}")
     magics.application = "installed-runner"
-    ran = run("%%flmrun\nimport runner, flame_magic\n[runner.__file__, flame_magic.__file__]")
+    ran = run(
+        "%%flmrun\nimport flame_magic_runner, flame_magic\n"
+        "[flame_magic_runner.__file__, flame_magic.__file__]"
+    )
     assert ran.error is None, ran.error
     assert all(path.startswith(str(deps)) for path in ran.value), ran.value
 

@@ -168,7 +168,7 @@ def test_default_flmrun_application(stub: protocol.FrontendStub, flame: Embedded
     assert app.status.state == types.Enabled and app.status.creation_time > 0
     assert app.spec.shim == types.Host
     assert app.spec.command == sys.executable
-    assert list(app.spec.arguments) == ["-m", "runner"]
+    assert list(app.spec.arguments) == ["-m", "flame_magic_runner"]
     assert app.spec.delay_release == 600
     assert "flame-magic" in app.spec.description
     assert os.path.isabs(app.spec.working_directory) and "flmrun-cwd" in app.spec.working_directory

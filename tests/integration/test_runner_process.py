@@ -60,14 +60,14 @@ def gone(pid: int) -> bool:
 
 
 class Runner:
-    """``python -m runner`` started as Flame's executor manager starts it."""
+    """``python -m flame_magic_runner`` started as Flame's executor manager starts it."""
 
     def __init__(self, directory: str, endpoint_prefix: str = "") -> None:
         self.path = os.path.join(directory, "instance.sock")
         self.log = Path(directory, "runner.log")
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "runner"],
+                [sys.executable, "-m", "flame_magic_runner"],
                 env=runner_env(endpoint_prefix + self.path),
                 cwd=directory,
                 stdout=log,
@@ -285,7 +285,7 @@ def test_runner_exits_when_its_parent_dies(directory: str) -> None:
     parent_code = textwrap.dedent(
         """
         import subprocess, sys
-        child = subprocess.Popen([sys.executable, "-m", "runner"])
+        child = subprocess.Popen([sys.executable, "-m", "flame_magic_runner"])
         print(child.pid, flush=True)
         child.wait()
         """
@@ -316,7 +316,7 @@ def test_runner_exits_when_its_parent_dies(directory: str) -> None:
 
 def test_missing_endpoint_is_a_clear_error() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "runner"],
+        [sys.executable, "-m", "flame_magic_runner"],
         env=runner_env(None),
         capture_output=True,
         text=True,

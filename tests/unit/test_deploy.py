@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -45,13 +46,16 @@ def test_package_has_pyproject_at_its_root_and_pins_what_pickles_need() -> None:
     files = members(data)
     # Flame's python installer looks for pyproject.toml at the top of the extracted archive.
     assert "pyproject.toml" in files
-    assert {"flame_magic/codec.py", "runner/__main__.py", "flame_magic/_proto/cell_pb2.py"} <= set(files)
+    expected = {"flame_magic/codec.py", "flame_magic_runner/__main__.py", "flame_magic/_proto/cell_pb2.py"}
+    assert expected <= set(files)
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc") or f.startswith("tests/")]
     pyproject = files["pyproject.toml"].decode()
     assert f'"cloudpickle=={codec.CLOUDPICKLE_VERSION}"' in pyproject
     assert f'requires-python = "=={codec.PYTHON_VERSION}.*"' in pyproject
     assert "ipykernel" not in pyproject and "pyyaml" not in pyproject  # notebook-side only
-    assert name.startswith(f"flame_magic_runner-0.1.0-py{codec.PYTHON_VERSION}-") and name.endswith(".tar.gz")
+    assert name.startswith(
+        f"flame_magic_runner-{version('flame-magic')}-py{codec.PYTHON_VERSION}-"
+    ) and name.endswith(".tar.gz")
     assert deploy.package_bytes() == (name, data)  # reproducible: same name for the same runner
 
 
@@ -79,13 +83,14 @@ def test_runner_spec_with_url_runs_as_flames_own_flmrun() -> None:
         "python${FLAME_PYTHON_VERSION}",
         "python",
         "-m",
-        "runner",
+        "flame_magic_runner",
     ]
     assert (spec.url, spec.installer) == ("file:///shared/r.tar.gz", "python")
     assert [(e.name, e.value) for e in spec.environments] == [("FLAME_PYTHON_VERSION", codec.PYTHON_VERSION)]
     assert deploy.is_our_runner(spec) and not deploy.is_stock_runner(spec)
     installed = deploy.runner_spec(python="/opt/venv/bin/python")
-    assert (installed.command, list(installed.arguments)) == ("/opt/venv/bin/python", ["-m", "runner"])
+    expected = ("/opt/venv/bin/python", ["-m", "flame_magic_runner"])
+    assert (installed.command, list(installed.arguments)) == expected
     assert not installed.HasField("url") and not installed.HasField("installer")
 
 

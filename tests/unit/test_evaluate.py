@@ -15,7 +15,7 @@ import pytest
 
 from flame_magic import codec
 from flame_magic.protocol import MAX_MESSAGE_BYTES, cell
-from runner.evaluate import Evaluator
+from flame_magic_runner.evaluate import Evaluator
 
 MiB = 1024 * 1024
 

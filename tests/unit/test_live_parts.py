@@ -8,7 +8,7 @@ from flame_magic.config import EMBEDDED
 from flame_magic.errors import CellFailed
 from flame_magic.protocol import cell
 from flame_magic.remote import Connection
-from runner.evaluate import _Recorder
+from flame_magic_runner.evaluate import _Recorder
 
 
 def test_recorder_take_gives_each_output_once_in_order():

@@ -23,7 +23,9 @@ types = protocol.types
 def disabled(name: str) -> Any:
     return types.Application(
         metadata=types.Metadata(id=name, name=name),
-        spec=types.ApplicationSpec(shim=types.Host, command=sys.executable, arguments=["-m", "runner"]),
+        spec=types.ApplicationSpec(
+            shim=types.Host, command=sys.executable, arguments=["-m", "flame_magic_runner"]
+        ),
         status=types.ApplicationStatus(state=types.Disabled),
     )
 
