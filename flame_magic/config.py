@@ -8,7 +8,8 @@ runs on an embedded Flame on this machine.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,9 @@ class Target:
     def embedded(self) -> bool:
         return not self.endpoint
 
+
+# `%flame connect HOST:PORT`: a host name or IPv4 address, or an IPv6 one in brackets.
+_HOST_PORT = re.compile(r"^([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}$")
 
 EMBEDDED = Target(endpoint="", ca_file=None, source="embedded Flame (no cluster configured)")
 
@@ -98,23 +102,50 @@ def resolve() -> Target:
 
 
 def target_for(name: str, ca_file: str | None = None) -> Target:
-    """The Flame named by ``%flame connect``: an endpoint (``scheme://...``) or a context name.
+    """The Flame named by ``%flame connect``: an endpoint or a context name.
 
     Parameters
     ----------
     name
-        ``http://HOST:PORT``, ``https://HOST:PORT``, ``unix:///PATH``, or the name of a
-        context in ``~/.flame/flame.yaml``.
+        ``http://HOST:PORT``, ``https://HOST:PORT``, ``unix:///PATH``, ``HOST:PORT`` (read as
+        ``http://HOST:PORT``), or the name of a context in ``~/.flame/flame.yaml``. A name is a
+        context only when flame.yaml has a context of that name.
     ca_file
-        CA certificate for ``https://``; by default ``FLAME_CA_FILE``, then the current
-        context's ``tls.ca_file``, as Flame's own tools do.
+        CA certificate for ``https://``; by default ``FLAME_CA_FILE``, then the context's (or
+        for an endpoint, the current context's) ``tls.ca_file``, as Flame's own tools do.
+
+    Raises
+    ------
+    ConfigError
+        For a name that is neither an endpoint nor a context, listing the contexts there are.
     """
     if "://" in name or name.startswith("unix:"):
         return Target(endpoint=name, ca_file=ca_file or _ca_for_endpoint(), source="%flame connect")
-    target = context_target(name)
-    if ca_file:
-        target = Target(endpoint=target.endpoint, ca_file=ca_file, source=target.source)
-    return target
+    path = config_path()
+    contexts: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        try:
+            _, contexts = read_contexts(path)
+        except ConfigError:
+            if not _HOST_PORT.match(name):
+                raise  # an endpoint given as HOST:PORT need not be stopped by a broken file
+    if name in contexts:
+        target = context_target(name, path)
+        return replace(target, ca_file=ca_file) if ca_file else target
+    if _HOST_PORT.match(name):
+        return Target(
+            endpoint=f"http://{name}", ca_file=ca_file or _ca_for_endpoint(), source="%flame connect"
+        )
+    if contexts:
+        known = f"the contexts of {path} are: {', '.join(sorted(contexts))}"
+        choices = "one of those contexts"
+    else:
+        known = f"{path} has no contexts" if path.exists() else f"there is no {path}"
+        choices = "the name of a context of flame.yaml"
+    raise ConfigError(
+        f"{name!r} is neither an endpoint nor a context ({known}). Give HOST:PORT, a URL "
+        f"(http://HOST:PORT, https://HOST:PORT, unix:///PATH) or {choices}."
+    )
 
 
 def _ca_for_endpoint() -> str | None:

@@ -20,10 +20,11 @@ one more than the instances.
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,7 +73,7 @@ class Progress:
     """How far a map is, for the progress display."""
 
     done: int
-    total: int
+    total: int | None  # None while the items' iterator has not ended
     failed: int
     elapsed: float
 
@@ -109,7 +110,7 @@ class MapOutcome:
     left_running: int = 0
 
 
-def item_payloads(shared: bytes, name: str, items: Sequence[Any], limit: int) -> list[bytes]:
+def item_payloads(shared: bytes, name: str, items: Iterable[Any], limit: int) -> list[bytes]:
     """The task input of every item: the encoded shared request, then the item as one more input.
 
     Raises
@@ -117,7 +118,11 @@ def item_payloads(shared: bytes, name: str, items: Sequence[Any], limit: int) ->
     ShipError
         If an item cannot be pickled, or its task would exceed ``limit`` bytes.
     """
-    payloads = []
+    return list(iter_item_payloads(shared, name, items, limit))
+
+
+def iter_item_payloads(shared: bytes, name: str, items: Iterable[Any], limit: int) -> Iterator[bytes]:
+    """:func:`item_payloads` one at a time, as the items come (for iterators of unknown length)."""
     for index, item in enumerate(items):
         try:
             pickled = codec.dumps(item)
@@ -137,8 +142,7 @@ def item_payloads(shared: bytes, name: str, items: Sequence[Any], limit: int) ->
                 "for a task. Map over smaller items (e.g. file names or slices' bounds) and load the "
                 "data inside the cell."
             )
-        payloads.append(payload)
-    return payloads
+        yield payload
 
 
 class MapRun:
@@ -151,7 +155,8 @@ class MapRun:
     session_id
         The session the items run in (its max_instances bounds the parallelism).
     payloads
-        Each item's task input (see :func:`item_payloads`).
+        Each item's task input (see :func:`item_payloads`): a sequence, or an iterator of
+        unknown length, read as the window moves (the progress then has no total until it ends).
     instances
         The session's max_instances, to size the window of items in flight.
     result_of
@@ -168,7 +173,7 @@ class MapRun:
         self,
         client: FlameClient,
         session_id: str,
-        payloads: list[bytes],
+        payloads: Iterable[bytes],
         instances: int,
         result_of: Callable[[types.Task], cell.CellResult],
         value_of: Callable[[cell.CellResult], Any],
@@ -177,14 +182,16 @@ class MapRun:
     ) -> None:
         self.client = client
         self.session_id = session_id
-        self.payloads = payloads
+        self._payloads = iter(payloads)
+        self._total: int | None = len(payloads) if isinstance(payloads, Sequence) else None
+        self._exhausted = self._total == 0
+        self._sent = 0
         self.instances = max(1, instances)
         self._result_of = result_of
         self._value_of = value_of
         self._stop_at_failure = stop_at_failure
         self._on_progress = on_progress
-        total = len(payloads)
-        self._results: list[Any] = [NOT_DONE] * total
+        self._results: list[Any] = [NOT_DONE] * (self._total or 0)
         self._outputs: dict[int, cell.CellResult] = {}
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -199,13 +206,12 @@ class MapRun:
 
     def run(self) -> MapOutcome:
         """Run every item; return what finished, also when interrupted (then ``interrupted`` is set)."""
-        total = len(self.payloads)
         self._started = self._last_done = time.monotonic()
         self._add_watcher()
         interrupted = False
-        sent = 0
+        self._sent = 0
         try:
-            sent = self._pump(total)
+            self._pump()
         except KeyboardInterrupt:
             interrupted = True
         finally:
@@ -221,44 +227,65 @@ class MapRun:
                 interrupted=interrupted,
                 progress=self._progress(),
             )
-            outcome.left_running = max(0, sent - self._done)
+            outcome.left_running = max(0, self._sent - self._done)
         if self._on_progress is not None and outcome.progress is not None:
             self._on_progress(outcome.progress)
         return outcome
 
-    def _pump(self, total: int) -> int:
-        """Send items as the window allows until all are done or the map must stop; return how many went."""
-        sent = 0
+    def _pump(self) -> None:
+        """Send items as the window allows until all are done or the map must stop."""
         next_report = time.monotonic()
         while True:
             with self._cond:
                 while True:
                     if self._fatal is not None or (self._failure is not None and self._stop_at_failure):
-                        return sent
-                    if self._done >= total:
-                        return sent
-                    room = self._window() - (sent - self._done)
-                    if sent < total and room > 0:
+                        return
+                    if self._exhausted and self._done >= self._sent:
+                        return
+                    room = self._window() - (self._sent - self._done)
+                    if not self._exhausted and room > 0:
                         break
                     now = time.monotonic()
                     if now >= next_report:
                         break
                     self._cond.wait(min(next_report - now, STALL_SECONDS))
                     self._unstall()
-            burst = self.payloads[sent : sent + max(0, min(room, total - sent))]
-            try:
-                for task in self.client.create_tasks(self.session_id, burst):
-                    self._queue.put((sent, task.metadata.id))
-                    sent += 1
-            except FlameError as exc:
-                with self._cond:
-                    self._fatal = exc
-                return sent
+            if not self._exhausted and room > 0:
+                burst = self._take(room)
+                if burst is None:
+                    return
+                try:
+                    for task in self.client.create_tasks(self.session_id, burst):
+                        self._queue.put((self._sent, task.metadata.id))
+                        self._sent += 1
+                except FlameError as exc:
+                    with self._cond:
+                        self._fatal = exc
+                    return
             now = time.monotonic()
             if now >= next_report:
                 next_report = now + PROGRESS_INTERVAL
                 if self._on_progress is not None:
                     self._on_progress(self._progress())
+
+    def _take(self, room: int) -> list[bytes] | None:
+        """Up to ``room`` more payloads, with a place in the results; None if the items' iterator failed."""
+        try:
+            burst = list(itertools.islice(self._payloads, room))
+        except ShipError as exc:
+            failure: BaseException = exc
+        except Exception as exc:  # the user's own generator
+            failure = CellFailed(f"The iterable of --map raised {type(exc).__name__}: {exc}.")
+        else:
+            with self._cond:
+                if len(burst) < room or (self._total is not None and self._sent + len(burst) >= self._total):
+                    self._exhausted = True
+                    self._total = self._sent + len(burst)
+                self._results.extend([NOT_DONE] * (self._sent + len(burst) - len(self._results)))
+            return burst
+        with self._cond:
+            self._fatal = failure
+        return None
 
     def _unstall(self) -> None:
         """Add a watcher when tasks wait to be watched and none finished for a while.
@@ -289,7 +316,7 @@ class MapRun:
     def _progress(self) -> Progress:
         return Progress(
             done=self._done,
-            total=len(self.payloads),
+            total=self._total,
             failed=self._failed,
             elapsed=time.monotonic() - self._started,
         )
@@ -358,7 +385,7 @@ class MapRun:
             return None, exc, None
         if result.HasField("error"):
             error = result.error
-            return None, remote_error(error.ename, error.evalue, error.traceback), result
+            return None, remote_error(error.ename, error.evalue, error.traceback, error.builtin_bases), result
         try:
             return self._value_of(result), None, result
         except Exception as exc:

@@ -8,6 +8,7 @@ import json
 import os
 import reprlib
 import sys
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -21,12 +22,12 @@ from flame_magic.background import current_parent, follow, output_to
 from flame_magic.capture import ShipError, analyse, pack
 from flame_magic.client import FlameError, SessionGoneError, SessionStartError
 from flame_magic.config import ConfigError, Target, resolve, target_for
-from flame_magic.errors import CellFailed, CellSyntaxError, MapInterrupted, add_note, remote_error
-from flame_magic.fanout import NOT_DONE, MapOutcome, MapRun, item_payloads
+from flame_magic.errors import CellFailed, MapInterrupted, add_note, remote_error
+from flame_magic.fanout import NOT_DONE, MapOutcome, MapRun, item_payloads, iter_item_payloads
 from flame_magic.progress import ProgressDisplay
 from flame_magic.protocol import cell
 from flame_magic.remote import TASK_INPUT_LIMIT, Connection
-from flame_magic.sessions import Plan, RequestError, plan
+from flame_magic.sessions import Plan, RequestError, plan, take_map_option
 
 # The cell body starts on the line after `%%flmrun`, and tracebacks should
 # count lines the way the notebook shows them.
@@ -97,7 +98,8 @@ class FlameMagics(Magics):
             self._connection.shutdown()
             self._connection = None
 
-    @magic_arguments()
+    # Named "%flmrun": IPython's usage line adds one "%", and a cell magic has two.
+    @magic_arguments(name="%flmrun")
     @argument(
         "--assign",
         metavar="NAMES",
@@ -109,7 +111,8 @@ class FlameMagics(Magics):
     @argument(
         "--map",
         metavar="ITEM=ITERABLE",
-        help="Run the cell once per element of the notebook's ITERABLE, bound to ITEM, as separate "
+        help="Run the cell once per element of ITERABLE (a Python expression evaluated in the notebook: "
+        "xs, range(200), a generator...), bound to ITEM, as separate "
         "Flame tasks on up to --instances runners; the results are the cell's last expression per item, "
         "in input order.",
     )
@@ -174,10 +177,21 @@ class FlameMagics(Magics):
             %%flmrun --background job
             model = train(features, labels)
         """
+        line, map_spec = take_map_option(line)  # a Python expression, which the option parser would split
         args = parse_argstring(self.flmrun, line)
-        plan = self._plan(args)
-        filename = f"<flmrun-cell-{self.shell.execution_count}>"
+        if map_spec is not None:
+            args.map = map_spec
+        try:
+            return self._run_cell(args, cell_source)
+        except SyntaxError as exc:
+            if not self._fail_with_syntax_error(exc):
+                raise
+            return None
+
+    def _run_cell(self, args: Any, cell_source: str) -> Any:
+        filename = f"<flmrun-cell-{self._prompt_number()}>"
         tree = self._parse(cell_source, filename)
+        plan = self._plan(args)
         names = analyse(tree)
         connection = self.connection()
         session_id = None
@@ -208,15 +222,16 @@ class FlameMagics(Magics):
         )
         if plan.item is not None:
             return self._map(plan, request)
+        asked = list(request.assign) if args.assign is not None else []
         if plan.background is not None:
-            return self._background(plan, request, session_id)
+            return self._background(plan, request, session_id, asked)
         try:
             result = connection.run(request, plan.key, show=self._show_output, grace=self.interrupt_grace)
         except ShipError as exc:
             raise UsageError(str(exc)) from None
         except FlameError as exc:
             raise CellFailed(str(exc)) from None
-        return self._present(result)
+        return self._present(result, asked)
 
     def _plan(self, args: Any) -> Plan:
         """Check the options of a %%flmrun cell and say where it runs."""
@@ -238,13 +253,18 @@ class FlameMagics(Magics):
     def _map(self, plan: Plan, request: cell.CellRequest) -> Any:
         """Run a --map cell and present its results."""
         assert plan.item is not None and plan.items is not None
-        if not plan.items:
-            return self._map_results(plan, MapOutcome(results=[]), None)
+        if isinstance(plan.items, list) and not plan.items:
+            return self._map_results(plan, MapOutcome(results=[]), None, [])
         connection = self.connection()
+        items = plan.items if isinstance(plan.items, list) else []
         try:
             session_id = connection.session(plan.key)
             shared = connection.prepare(request, session_id)
-            payloads = item_payloads(shared, plan.item, plan.items, TASK_INPUT_LIMIT)
+            payloads: Iterable[bytes]
+            if isinstance(plan.items, list):  # every item is checked before any is sent
+                payloads = item_payloads(shared, plan.item, plan.items, TASK_INPUT_LIMIT)
+            else:  # read as the map goes; the items seen are kept for the messages
+                payloads = iter_item_payloads(shared, plan.item, _kept(plan.items, items), TASK_INPUT_LIMIT)
             client = connection.client()
         except (ShipError, RequestError) as exc:
             raise UsageError(str(exc)) from None
@@ -265,9 +285,9 @@ class FlameMagics(Magics):
             outcome = run.run()
         finally:
             progress.close()
-        return self._map_results(plan, outcome, session_id)
+        return self._map_results(plan, outcome, session_id, items)
 
-    def _map_results(self, plan: Plan, outcome: MapOutcome, session_id: str | None) -> Any:
+    def _map_results(self, plan: Plan, outcome: MapOutcome, session_id: str | None, items: list[Any]) -> Any:
         for _, result in outcome.outputs:
             self._show_outputs(result)
         results = outcome.results
@@ -285,6 +305,8 @@ class FlameMagics(Magics):
             # Cancels the items sent but not started, unless one still runs (Flame then refuses).
             connection.close_session(session_id)
         done = sum(1 for value in results if value is not NOT_DONE)
+        total = outcome.progress.total if outcome.progress is not None else len(results)
+        after = f"after {done} of {total} items" if total is not None else f"after {done} items"
         if plan.into is not None:
             kept = f"`{plan.into}` holds the {done} results that finished (NOT_DONE for the others)."
         else:
@@ -301,23 +323,24 @@ class FlameMagics(Magics):
                     connection.close_session(session_id)  # its runners cannot start: a new one next time
                 elif isinstance(fatal, SessionGoneError) or connection.session_gone(session_id):
                     connection.forget(session_id)
-            raise CellFailed(f"{fatal} The map stopped after {done} of {len(results)} items. {kept}")
+            raise CellFailed(f"{fatal} The map stopped {after}. {kept}")
         if outcome.interrupted:
-            raise MapInterrupted(
-                f"The map stopped after {done} of {len(results)} items. {kept}{left}", results
-            )
-        assert outcome.failure is not None and plan.items is not None
+            raise MapInterrupted(f"The map stopped {after}. {kept}{left}", results)
+        assert outcome.failure is not None
         index, error = outcome.failure
         value = reprlib.Repr()
         value.maxstring = value.maxother = 60
+        of = f" of {total}" if total is not None else ""
         add_note(
             error,
-            f"Item {index} of {len(results)} failed ({plan.item}={value.repr(plan.items[index])}); the map "
-            f"stopped. {kept}{left}",
+            f"Item {index}{of} failed ({plan.item}={value.repr(items[index])}); "
+            f"the map stopped. {kept}{left}",
         )
         raise error
 
-    def _background(self, plan: Plan, request: cell.CellRequest, session_id: str | None) -> None:
+    def _background(
+        self, plan: Plan, request: cell.CellRequest, session_id: str | None, asked: list[str]
+    ) -> None:
         """Start a --background cell and store its handle in the notebook."""
         assert plan.background is not None
         connection = self.connection()
@@ -336,7 +359,7 @@ class FlameMagics(Magics):
         def finish(task: Any) -> Any:
             with output_to(self.shell, parent):
                 try:
-                    value = self._present(connection.result_of(task))
+                    value = self._present(connection.result_of(task), asked)
                 except BaseException as exc:
                     self._show_error(exc)
                     raise
@@ -353,7 +376,7 @@ class FlameMagics(Magics):
         close = (lambda: connection.close_session(session_id)) if plan.private else None
         if plan.private:
             connection.labels[session_id] = f"background `{name}`"
-        label = f"{name} (cell {self.shell.execution_count})"
+        label = f"{name} (cell {self._prompt_number()})"
         self.shell.user_ns[name] = follow(
             connection.client(), session_id, task.metadata.id, label, finish, fail, close
         )
@@ -368,17 +391,58 @@ class FlameMagics(Magics):
 
     def _parse(self, source: str, filename: str) -> ast.Module:
         try:
-            return ast.parse(source, filename)
+            tree = ast.parse(source, filename)
         except SyntaxError as exc:
             if self._is_ipython_syntax(source):
                 raise UsageError(
                     "%%flmrun cells run plain Python on the runner: magics (%...) and shell escapes "
                     "(!...) are not available there. Move those lines to a local cell."
                 ) from None
-            error = CellSyntaxError(
-                exc.msg, (filename, (exc.lineno or 1) + FIRST_BODY_LINE - 1, exc.offset, exc.text, None, None)
-            )
-            raise error from None
+            raise self._cell_syntax_error(exc, filename, source) from None
+        try:
+            # What only the compiler finds (`return` outside a function...), found before anything is sent.
+            compile(tree, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
+        except SyntaxError as exc:
+            raise self._cell_syntax_error(exc, filename, source) from None
+        return tree
+
+    def _cell_syntax_error(self, exc: SyntaxError, filename: str, source: str) -> SyntaxError:
+        """The error at its place in the notebook's cell, which tracebacks name ``Cell In[N]``."""
+        text = exc.text
+        if text is None and exc.lineno:  # the compiler, given a tree, knows no source text
+            lines = source.splitlines()
+            text = lines[exc.lineno - 1] if exc.lineno <= len(lines) else None
+        shift = FIRST_BODY_LINE - 1
+        lineno = None if exc.lineno is None else exc.lineno + shift
+        end_lineno = None if exc.end_lineno is None else exc.end_lineno + shift
+        where = self._ipython_cell_file() or filename
+        return type(exc)(exc.msg, (where, lineno, exc.offset, text, end_lineno, exc.end_offset))
+
+    def _ipython_cell_file(self) -> str | None:
+        """The file name IPython gave the running cell (its tracebacks show it as ``Cell In[N]``)."""
+        number = self._prompt_number()
+        names = getattr(self.shell.compile, "_filename_map", {})
+        found = [name for name, count in names.items() if count == number]
+        return found[-1] if found else None
+
+    def _fail_with_syntax_error(self, exc: SyntaxError) -> bool:
+        """Show a syntax error as IPython shows one of a local cell, and fail the cell; False if not a cell.
+
+        IPython shows a SyntaxError raised while a cell runs with the stack that raised it
+        (our magic's), ignoring ``_render_traceback_``; a local cell's shows only its line.
+        """
+        running = getattr(self.shell.displayhook, "exec_result", None)
+        info = getattr(running, "info", None)
+        if running is None or not getattr(info, "raw_cell", "").lstrip().startswith("%%flmrun"):
+            return False  # called from code, not as the cell: raise as usual
+        render = getattr(exc, "_render_traceback_", None)
+        if render is not None:  # a remote one: the runner's text
+            lines = render()
+        else:
+            lines = self.shell.SyntaxTB.structured_traceback(type(exc), exc, [])
+        self.shell._showtraceback(type(exc), exc, lines)
+        running.error_in_exec = exc
+        return True
 
     def _is_ipython_syntax(self, source: str) -> bool:
         transformed = self.shell.transform_cell(source)
@@ -402,7 +466,23 @@ class FlameMagics(Magics):
                 raise UsageError(f"--assign takes comma-separated Python names; {name!r} is not one.")
         return wanted
 
-    def _present(self, result: cell.CellResult) -> Any:
+    def _prompt_number(self) -> int:
+        """The number of the cell running now, as its prompt shows it (``In [N]``).
+
+        IPython counts the cell as run before running it: the shell's count is then one more.
+        """
+        running = getattr(self.shell.displayhook, "exec_result", None)
+        number = getattr(running, "execution_count", None)
+        return int(number) if number is not None else int(self.shell.execution_count)
+
+    def _present(self, result: cell.CellResult, asked: list[str] | None = None) -> Any:
+        """Show what the cell showed, assign what it bound, raise its error or return its value.
+
+        Parameters
+        ----------
+        asked
+            The names ``--assign`` asked for: those the cell did not bind are named.
+        """
         self._show_outputs(result)
         for value in result.assigned:
             try:
@@ -415,9 +495,18 @@ class FlameMagics(Magics):
                 )
         for missing in result.not_returned:
             print(f"flmrun: `{missing.name}` stays on the runner: {missing.reason}", file=sys.stderr)
+        came = {value.name for value in result.assigned} | {missing.name for missing in result.not_returned}
+        unbound = [name for name in asked or () if name not in came]
+        if unbound and not result.HasField("error"):
+            listed = ", ".join(f"`{name}`" for name in unbound)
+            print(
+                f"flmrun: --assign: the cell did not bind {listed}; nothing came back for "
+                f"{'it' if len(unbound) == 1 else 'them'}.",
+                file=sys.stderr,
+            )
         if result.HasField("error"):
             error = result.error
-            raise remote_error(error.ename, error.evalue, error.traceback)
+            raise remote_error(error.ename, error.evalue, error.traceback, error.builtin_bases)
         return self._value_of(result)
 
     @staticmethod
@@ -466,7 +555,7 @@ class FlameMagics(Magics):
         "target",
         nargs="?",
         metavar="ENDPOINT|CONTEXT",
-        help="connect: http(s)://HOST:PORT or a context of ~/.flame/flame.yaml "
+        help="connect: HOST:PORT, http(s)://HOST:PORT, unix:///PATH, or a context of ~/.flame/flame.yaml "
         "(none: back to FLAME_ENDPOINT, the current context, or the embedded Flame); "
         "close: the NAME of a session (%%flmrun --session NAME) to close only it.",
     )
@@ -598,6 +687,13 @@ class FlameMagics(Magics):
         problem = deploy.check_application(mine, connection.application, connection.endpoint)
         if problem:
             print(problem)
+
+
+def _kept(items: Iterator[Any], seen: list[Any]) -> Iterator[Any]:
+    """``items``, each also appended to ``seen``."""
+    for item in items:
+        seen.append(item)
+        yield item
 
 
 def load(ip: Any) -> None:

@@ -1,4 +1,4 @@
-"""The progress display of ``%%flmrun --map``: done/total and the rate.
+"""The progress display of ``%%flmrun --map``: done/total (or done, for an iterator) and the rate.
 
 In Jupyter it is one output updated in place (``display_id``), with an HTML ``<progress>``
 bar and a text line for frontends without HTML; in a terminal, one line on stderr rewritten
@@ -15,12 +15,10 @@ from flame_magic.fanout import Progress
 
 
 def describe(label: str, progress: Progress) -> str:
-    """``label: 250/1000 done, 1 failed, 812 items/s, 0.3 s``."""
+    """``label: 250/1000 done, 1 failed, 812 items/s, 0.3 s`` (``250 done`` while the total is unknown)."""
     failed = f", {progress.failed} failed" if progress.failed else ""
-    return (
-        f"{label}: {progress.done}/{progress.total} done{failed}, "
-        f"{progress.rate:,.0f} items/s, {progress.elapsed:.1f} s"
-    )
+    count = f"{progress.done}" if progress.total is None else f"{progress.done}/{progress.total}"
+    return f"{label}: {count} done{failed}, {progress.rate:,.0f} items/s, {progress.elapsed:.1f} s"
 
 
 class ProgressDisplay:
@@ -50,7 +48,7 @@ class ProgressDisplay:
         if self._jupyter:
             self._show(progress, text)
         else:
-            self._line_open = progress.done < progress.total
+            self._line_open = progress.total is None or progress.done < progress.total
             sys.stderr.write(f"\r{text}{'' if self._line_open else chr(10)}")
             sys.stderr.flush()
 
@@ -64,11 +62,13 @@ class ProgressDisplay:
     def _show(self, progress: Progress, text: str) -> None:
         from IPython.display import display
 
+        # Without a total the bar is an indeterminate one (no value): the text counts.
+        bar = "" if progress.total is None else f' value="{progress.done}" max="{max(progress.total, 1)}"'
         bundle = {
             "text/plain": text,
             "text/html": (
-                f'<progress value="{progress.done}" max="{max(progress.total, 1)}" '
-                f'style="width: 20em; vertical-align: middle"></progress> <code>{html.escape(text)}</code>'
+                f'<progress{bar} style="width: 20em; vertical-align: middle"></progress> '
+                f"<code>{html.escape(text)}</code>"
             ),
         }
         if self._handle is None:

@@ -10,7 +10,7 @@ This module only describes and validates requests; it does not talk to Flame.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -221,7 +221,8 @@ class Plan:
     private
         A session of its own, closed when the cell ends (a background cell without --session).
     item, source, items
-        ``--map ITEM=SOURCE``: the name each item is bound to, the notebook variable, its items.
+        ``--map ITEM=SOURCE``: the name each item is bound to, the expression, and its items:
+        a list, or an iterator of unknown length (read as the map goes).
     into, return_exceptions
         Where a map's results go, and whether failures take their item's place.
     background
@@ -232,7 +233,7 @@ class Plan:
     private: bool = False
     item: str | None = None
     source: str | None = None
-    items: list[Any] | None = None
+    items: list[Any] | Iterator[Any] | None = None
     into: str | None = None
     return_exceptions: bool = False
     background: str | None = None
@@ -240,7 +241,7 @@ class Plan:
 
 def plan(
     args: Any,
-    namespace: Mapping[str, Any],
+    namespace: dict[str, Any],
     named: Callable[[str], SessionKey | None],
     default_instances: Callable[[], int],
 ) -> Plan:
@@ -252,7 +253,7 @@ def plan(
         The parsed options (``map``, ``into``, ``return_exceptions``, ``session``,
         ``instances``, ``cpu``, ``memory``, ``gpu``, ``background``, ``assign``, ``no_assign``).
     namespace
-        The notebook's variables (``--map`` reads its iterable there).
+        The notebook's variables (``--map`` evaluates its iterable there).
     named
         The key of the notebook's open session of that name, if any.
     default_instances
@@ -304,20 +305,89 @@ def plan(
     return result
 
 
-def _plan_map(result: Plan, spec: str, into: str | None, namespace: Mapping[str, Any]) -> None:
+def _plan_map(result: Plan, spec: str, into: str | None, namespace: dict[str, Any]) -> None:
     item, equals, source = spec.partition("=")
     if not equals:
         raise RequestError(f"--map takes ITEM=ITERABLE (e.g. --map x=xs); got {spec!r}.")
     result.item = _identifier("--map ITEM=ITERABLE: ITEM", item.strip())
-    result.source = _identifier("--map ITEM=ITERABLE: ITERABLE", source.strip())
-    if result.source not in namespace:
-        raise RequestError(f"--map {spec}: the notebook has no variable `{result.source}`.")
+    result.source = source.strip()
+    # The user's own expression, in the user's own kernel, like the cell itself.
     try:
-        result.items = list(namespace[result.source])
+        code = compile(result.source, "<--map>", "eval")
+    except SyntaxError:
+        raise RequestError(
+            "--map ITEM=ITERABLE: ITERABLE is a Python expression (xs, range(200), ...); "
+            f"got {result.source!r}."
+        ) from None
+    try:
+        value = eval(code, namespace)
+    except Exception as exc:
+        raise RequestError(f"--map {spec}: {type(exc).__name__}: {exc}") from None
+    try:
+        items = iter(value)
     except TypeError:
-        kind = type(namespace[result.source]).__name__
-        raise RequestError(f"--map {spec}: `{result.source}` ({kind}) is not iterable.") from None
+        raise RequestError(
+            f"--map {spec}: `{result.source}` ({type(value).__name__}) is not iterable."
+        ) from None
+    # Sized: read now, and the progress shows a total; otherwise (a generator...) read as the map goes.
+    if hasattr(value, "__len__"):
+        try:
+            result.items = list(items)
+        except Exception as exc:
+            raise RequestError(f"--map {spec}: reading it raised {type(exc).__name__}: {exc}") from None
+    else:
+        result.items = items
     result.into = None if into is None else _identifier("--into", into)
+
+
+_MAP_OPTION = re.compile(r"(?:^|(?<=\s))--map(?:=|\s+)")
+_NEXT_OPTION = re.compile(r"\s+--[A-Za-z]")
+
+
+def take_map_option(line: str) -> tuple[str, str | None]:
+    """Split ``--map ITEM=EXPRESSION`` off a %%flmrun line, before the options are parsed.
+
+    The expression is Python (``x=(i for i in range(9))``, ``p=["a b", "c"]``): it runs up to
+    the next ``--option`` outside brackets and strings, spaces and quotes kept as written,
+    which IPython's option parser would split and keep quoted. One pair of quotes around
+    the whole of it is removed.
+
+    Returns
+    -------
+    tuple
+        The line without the option, and ``ITEM=EXPRESSION`` (None when there is no ``--map``).
+    """
+    match = _MAP_OPTION.search(line)
+    if match is None:
+        return line, None
+    index, depth, quote = match.end(), 0, ""
+    while index < len(line):
+        char = line[index]
+        if quote:
+            if char == "\\":
+                index += 2
+                continue
+            if line.startswith(quote, index):
+                index += len(quote)
+                quote = ""
+                continue
+        elif char in "\"'":
+            quote = line[index : index + 3] if line[index : index + 3] in ('"""', "'''") else char
+            index += len(quote)
+            continue
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif depth <= 0 and _NEXT_OPTION.match(line, index):
+            break
+        index += 1
+    spec = line[match.end() : index].strip()
+    if not spec:
+        return line, None  # the parser says what is missing
+    if len(spec) >= 2 and spec[0] in "\"'" and spec[-1] == spec[0] and spec.count(spec[0]) == 2:
+        spec = spec[1:-1]
+    return line[: match.start()] + line[index:], spec
 
 
 def _identifier(option: str, text: str) -> str:

@@ -43,8 +43,10 @@ from __future__ import annotations
 import __future__
 
 import ast
+import asyncio
 import base64
 import builtins
+import inspect
 import io
 import json
 import linecache
@@ -56,7 +58,7 @@ import tokenize
 import traceback
 import types
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any, TextIO
 
 from flame_magic import codec
@@ -219,6 +221,7 @@ class Evaluator:
         self._publisher: Any = None
         self._own_shell = False
         self._future_flags = 0  # `from __future__ import ...` in a cell lasts, as in IPython
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._compiled: tuple[tuple[str, str, int, int], tuple[Any, Any, bool]] | None = None
         self._stdout = _Stream("stdout", sys.stdout)
         self._stderr = _Stream("stderr", sys.stderr)
@@ -387,8 +390,8 @@ class Evaluator:
         if self._compiled is not None and self._compiled[0] == key:
             # A --map runs one cell once per item: parse and compile it once.
             body, tail, quiet = self._compiled[1]
-            exec(body, self.namespace)
-            return (None if tail is None else eval(tail, self.namespace)), quiet
+            self._run_code(body)
+            return (None if tail is None else self._run_code(tail)), quiet
         try:
             tree = ast.parse(source, filename, "exec")
         except SyntaxError as exc:
@@ -406,17 +409,39 @@ class Evaluator:
             quiet = _ends_with_semicolon("".join(lines[expr.lineno - 1 :]))
         ast.increment_lineno(tree, offset)
         # Compile everything before running anything: a bad last line must not half-run the cell.
-        body = compile(tree, filename, "exec", flags=self._future_flags, dont_inherit=True)
+        # Top-level `await`, as in IPython: such code compiles to a coroutine, run to its end.
+        flags = self._future_flags | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+        body = compile(tree, filename, "exec", flags=flags, dont_inherit=True)
         self._future_flags |= body.co_flags & _FUTURE_FLAGS
         tail = None
         if last is not None:
             ast.increment_lineno(last, offset)
-            tail = compile(last, filename, "eval", flags=self._future_flags, dont_inherit=True)
+            flags = self._future_flags | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT
+            tail = compile(last, filename, "eval", flags=flags, dont_inherit=True)
         self._compiled = ((source, filename, first_line, self._future_flags), (body, tail, quiet))
-        exec(body, self.namespace)
+        self._run_code(body)
         if tail is None:
             return None, quiet
-        return eval(tail, self.namespace), quiet
+        return self._run_code(tail), quiet
+
+    def _run_code(self, code: types.CodeType) -> Any:
+        """Run compiled cell code in the namespace; a coroutine (top-level await) on the event loop."""
+        outcome = eval(code, self.namespace)
+        if not code.co_flags & inspect.CO_COROUTINE:
+            return outcome
+        # One loop for the process, like IPython's: tasks a cell starts live on for later cells.
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        task = self._loop.create_task(outcome)
+        try:
+            return self._loop.run_until_complete(task)
+        except BaseException:
+            # Interrupted or timed out while the loop waited: the cell's code stops here too.
+            if not task.done():
+                task.cancel()
+                with suppress(BaseException):
+                    self._loop.run_until_complete(task)
+            raise
 
     def _set_result(self, result: cell.CellResult, value: Any, values_only: bool = False) -> None:
         """The last value: its representation (as Jupyter shows it) and the value itself.
@@ -533,8 +558,9 @@ def time_limit(seconds: float) -> Iterator[None]:
 def remote_exception(exc: BaseException, filename: str) -> cell.RemoteException:
     """Describe an exception raised by a cell as Python would print it.
 
-    The runner's own frames are removed, so the traceback starts at the cell's frame;
-    chained exceptions are kept.
+    The runner's own frames are removed, so the traceback starts at the cell's frame
+    and shows none of the runner's signal handlers (interrupt, timeout); chained
+    exceptions are kept.
 
     Parameters
     ----------
@@ -548,11 +574,50 @@ def remote_exception(exc: BaseException, filename: str) -> cell.RemoteException:
         tb = tb.tb_next
     # No cell frame at all: the source never ran (a SyntaxError), so show no frames.
     exc.__traceback__ = tb
+    _drop_runner_frames(exc)
     try:
         text = "".join(traceback.format_exception(exc))
     except Exception:
         text = f"{_ename(exc)}: {_str(exc)}\n"
-    return cell.RemoteException(ename=_clean(_ename(exc)), evalue=_clean(_str(exc)), traceback=_clean(text))
+    return cell.RemoteException(
+        ename=_clean(_ename(exc)),
+        evalue=_clean(_str(exc)),
+        traceback=_clean(text),
+        builtin_bases=_builtin_bases(exc),
+    )
+
+
+_RUNNER_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def _drop_runner_frames(exc: BaseException) -> None:
+    """Unlink the frames of the runner's own files from ``exc``'s traceback and its chain's."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        kept = []
+        tb = current.__traceback__
+        while tb is not None:
+            if os.path.dirname(os.path.abspath(tb.tb_frame.f_code.co_filename)) != _RUNNER_DIR:
+                kept.append(tb)
+            tb = tb.tb_next
+        for entry, following in zip(kept, [*kept[1:], None]):  # noqa: B905 - one longer when kept is empty
+            entry.tb_next = following
+        current.__traceback__ = kept[0] if kept else None
+        pending += [current.__cause__, current.__context__]
+
+
+def _builtin_bases(exc: BaseException) -> list[str]:
+    """The builtin exception classes an exception's class derives from, most derived first."""
+    return [
+        base.__name__
+        for base in type(exc).__mro__[1:]
+        if getattr(builtins, base.__name__, None) is base and base not in (BaseException, Exception, object)
+    ]
 
 
 def _input_error(name: str, exc: BaseException) -> cell.RemoteException:

@@ -101,14 +101,16 @@ class Output(_message.Message):
     def __init__(self, stream: _Optional[_Union[Stream, _Mapping]] = ..., display: _Optional[_Union[MimeBundle, _Mapping]] = ...) -> None: ...
 
 class RemoteException(_message.Message):
-    __slots__ = ("ename", "evalue", "traceback")
+    __slots__ = ("ename", "evalue", "traceback", "builtin_bases")
     ENAME_FIELD_NUMBER: _ClassVar[int]
     EVALUE_FIELD_NUMBER: _ClassVar[int]
     TRACEBACK_FIELD_NUMBER: _ClassVar[int]
+    BUILTIN_BASES_FIELD_NUMBER: _ClassVar[int]
     ename: str
     evalue: str
     traceback: str
-    def __init__(self, ename: _Optional[str] = ..., evalue: _Optional[str] = ..., traceback: _Optional[str] = ...) -> None: ...
+    builtin_bases: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ename: _Optional[str] = ..., evalue: _Optional[str] = ..., traceback: _Optional[str] = ..., builtin_bases: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NotReturned(_message.Message):
     __slots__ = ("name", "reason")

@@ -141,7 +141,8 @@ def test_connect_by_context_or_environment_as_flames_own_tools(run, magics, clus
 
     unknown = run("%flame connect nowhere")
     assert isinstance(unknown.error, UsageError)
-    assert "No context 'nowhere'" in str(unknown.error) and "contexts: down, lab" in str(unknown.error)
+    assert "'nowhere' is neither an endpoint nor a context" in str(unknown.error)
+    assert "are: down, lab" in str(unknown.error)
 
     # No argument: back to the configuration, whose current context is down. The notebook
     # keeps the Flame it had.

@@ -67,7 +67,10 @@ def test_connect_takes_an_endpoint_or_a_context(home: Path) -> None:
         "/etc/prod-ca.pem",
         "%flame connect",
     )
-    with pytest.raises(ConfigError, match=r"No context 'nope' .*\(contexts: lab, prod\)"):
+    assert target_for("prod", "/mine.pem").context == "prod"  # its cache section still applies
+    assert target_for("127.0.0.1:1").endpoint == "http://127.0.0.1:1"
+    assert target_for("[::1]:8080").endpoint == "http://[::1]:8080"
+    with pytest.raises(ConfigError, match=r"'nope' is neither an endpoint nor a context .*: lab, prod\)"):
         target_for("nope")
 
 
@@ -75,5 +78,6 @@ def test_a_broken_config_does_not_stop_an_explicit_endpoint(home: Path) -> None:
     (home / ".flame").mkdir()
     (home / ".flame" / "flame.yaml").write_text("contexts: [unclosed")
     assert target_for("http://h:1").endpoint == "http://h:1"
+    assert target_for("h:1").endpoint == "http://h:1"
     with pytest.raises(ConfigError, match="Cannot read"):
         resolve()

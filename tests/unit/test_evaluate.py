@@ -484,3 +484,26 @@ def test_rich_displays_travel_as_their_mime_data(evaluator: Evaluator) -> None:
     assert displays[4]["application/json"] == {"a": [1, 2]}
     value = json.loads(result.result.data_json)
     assert value == {"text/html": "<table><tr><td>remote</td></tr></table>", "text/plain": "Table()"}
+
+
+def test_top_level_await_runs_and_its_event_loop_lasts_between_cells(evaluator: Evaluator) -> None:
+    run(
+        evaluator,
+        "import asyncio\nawait asyncio.sleep(0)\ntask = asyncio.ensure_future(asyncio.sleep(0, 'later'))",
+    )
+    result = run(evaluator, "await task")
+    assert not result.HasField("error"), result.error.traceback
+    assert plain(result) == "'later'"
+
+
+def test_a_cells_exception_class_names_its_builtin_bases(evaluator: Evaluator) -> None:
+    error = run(evaluator, "class MyErr(KeyError):\n    pass\nraise MyErr('k')").error
+    assert error.ename == "MyErr"
+    assert list(error.builtin_bases) == ["KeyError", "LookupError"]
+
+
+def test_the_runners_signal_handlers_are_not_in_tracebacks(evaluator: Evaluator) -> None:
+    request = cell.CellRequest(header=codec.local_header(), source="import time\ntime.sleep(5)", timeout=0.2)
+    error = evaluator.evaluate(request).error
+    assert error.ename == "TimeoutError"
+    assert "time.sleep(5)" in error.traceback and "evaluate.py" not in error.traceback, error.traceback

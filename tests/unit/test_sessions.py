@@ -18,6 +18,7 @@ from flame_magic.sessions import (
     parse_count,
     parse_memory,
     parse_resources,
+    take_map_option,
 )
 
 
@@ -124,3 +125,19 @@ def test_an_item_over_the_task_limit_is_named():
 def test_not_done_is_one_recognisable_value():
     assert repr(NOT_DONE) == "NOT_DONE"
     assert codec.loads(codec.dumps(NOT_DONE)) is NOT_DONE
+
+
+@pytest.mark.parametrize(
+    ("line", "rest", "spec"),
+    [
+        ("--map x=xs --into out", " --into out", "x=xs"),
+        ("--map x=(i for i in range(7)) --instances 2", " --instances 2", "x=(i for i in range(7))"),
+        ('--into o --map "x=(i for i in range(7))"', "--into o ", "x=(i for i in range(7))"),
+        ('--map=p=["a  b", "c --d"] --into o', " --into o", 'p=["a  b", "c --d"]'),
+        ("--map x=f(a, b='--x')", "", "x=f(a, b='--x')"),
+        ("--session s", "--session s", None),
+        ("--map", "--map", None),
+    ],
+)
+def test_the_map_expression_is_taken_as_written(line, rest, spec):
+    assert take_map_option(line) == (rest, spec)
