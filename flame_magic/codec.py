@@ -11,13 +11,21 @@ data of numpy arrays, pandas frames and Arrow arrays is not copied into the pick
 handed over as buffers, which travel through Flame's object cache as raw bytes and are
 given back to :func:`loads_oob`. The pickle that refers to them travels in a message
 whose header was checked, as any other.
+
+Under :func:`record_modules`, pickling also notes the modules the pickles name (unpickling
+imports them), so that the notebook's own modules can travel with them and installed
+packages be checked on the runner first (:mod:`flame_magic.modules`).
 """
 
 from __future__ import annotations
 
+import contextvars
+import io
 import pickle
 import sys
-from collections.abc import Sequence
+import types
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -27,7 +35,8 @@ from google.protobuf.message import DecodeError, Message
 from flame_magic.protocol import cell
 
 # 2: large values by reference through Flame's object cache (Value.buffers, CellRequest.cache).
-PROTOCOL_VERSION = 2
+# 3: the notebook's own modules, required packages and --pip (CellRequest.modules, requires, pip).
+PROTOCOL_VERSION = 3
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 CLOUDPICKLE_VERSION: str = cloudpickle.__version__
 
@@ -99,10 +108,87 @@ def decode(kind: type[M], data: bytes, peer: str) -> M:
     return message
 
 
+@dataclass
+class ModulesUsed:
+    """What the values pickled under :func:`record_modules` refer to.
+
+    Attributes
+    ----------
+    modules
+        Modules the pickles name (classes, functions and modules by reference, the
+        modules of the objects' types): unpickling imports them.
+    names
+        Global and attribute names in the code of functions pickled by value: a module
+        among them may be imported when the function runs.
+    """
+
+    modules: set[str] = field(default_factory=set)
+    names: set[str] = field(default_factory=set)
+
+
+_recording: contextvars.ContextVar[ModulesUsed | None] = contextvars.ContextVar("recording", default=None)
+
+
+@contextmanager
+def record_modules() -> Iterator[ModulesUsed]:
+    """Note what the values pickled in this block refer to (see :class:`ModulesUsed`)."""
+    used = ModulesUsed()
+    token = _recording.set(used)
+    try:
+        yield used
+    finally:
+        _recording.reset(token)
+
+
+class _RecordingPickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle's pickler, noting the modules of what it pickles on the way."""
+
+    def __init__(self, file: Any, used: ModulesUsed, **kwargs: Any) -> None:
+        super().__init__(file, **kwargs)
+        self._used = used
+
+    def reducer_override(self, obj: Any) -> Any:
+        used = self._used
+        if isinstance(obj, types.ModuleType):
+            used.modules.add(obj.__name__)
+        elif isinstance(obj, (type, types.FunctionType, types.BuiltinFunctionType)):
+            module = getattr(obj, "__module__", None)
+            if isinstance(module, str):
+                used.modules.add(module)
+            # Only functions pickled by value bring their code (those of the notebook).
+            if isinstance(obj, types.FunctionType) and _by_value(obj):
+                _code_names(obj.__code__, used.names)
+        else:
+            used.modules.add(type(obj).__module__)
+        return super().reducer_override(obj)
+
+
+def _by_value(function: types.FunctionType) -> bool:
+    """Whether cloudpickle sends a function's code (it cannot import it by name)."""
+    module = function.__module__
+    return module == "__main__" or module not in sys.modules or "<locals>" in function.__qualname__
+
+
+def _code_names(code: types.CodeType, names: set[str]) -> None:
+    names.update(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _code_names(const, names)
+
+
+def _dumps(value: Any, buffer_callback: Callable[[pickle.PickleBuffer], bool] | None = None) -> bytes:
+    used = _recording.get()
+    if used is None:
+        return cloudpickle.dumps(value, protocol=5, buffer_callback=buffer_callback)
+    with io.BytesIO() as file:
+        _RecordingPickler(file, used, protocol=5, buffer_callback=buffer_callback).dump(value)
+        return file.getvalue()
+
+
 def dumps(value: Any) -> bytes:
     """Pickle a value by value where cloudpickle must (``__main__``), by reference otherwise."""
     try:
-        return cloudpickle.dumps(value, protocol=5)
+        return _dumps(value)
     except Exception as exc:
         raise UnpicklableError(str(exc) or type(exc).__name__) from exc
 
@@ -153,7 +239,7 @@ def dumps_oob(value: Any, min_buffer: int) -> Pickled:
         return False  # false: the pickle only records that a buffer goes here
 
     try:
-        data = cloudpickle.dumps(value, protocol=5, buffer_callback=out_of_band)
+        data = _dumps(value, buffer_callback=out_of_band)
     except Exception as exc:
         raise UnpicklableError(str(exc) or type(exc).__name__) from exc
     return Pickled(data, buffers)

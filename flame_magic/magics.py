@@ -15,7 +15,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, argument_group, magic_arguments, parse_argstring
 from IPython.display import display, publish_display_data
-from traitlets import Float, Int, Unicode
+from traitlets import Bool, Float, Int, List, Unicode
 
 from flame_magic import codec, deploy
 from flame_magic.background import current_parent, follow, output_to
@@ -69,6 +69,17 @@ class FlameMagics(Magics):
         "(0: one per CPU of this machine on the embedded Flame, 4 on a cluster).",
     ).tag(config=True)
 
+    requirements = List(
+        Unicode(),
+        help="pip requirements installed on this notebook's runners before its cells run, "
+        "e.g. ['pandas==2.2.2'] (as `%%flmrun --pip`).",
+    ).tag(config=True)
+    check_packages = Bool(
+        True,
+        help="Refuse a cell whose inputs or imports need an installed package that the runner lacks or "
+        "has at another version (False: run it with what the runner has).",
+    ).tag(config=True)
+
     shell: Any  # the InteractiveShell (traitlets declares it Optional)
 
     def __init__(self, shell: Any) -> None:
@@ -107,6 +118,13 @@ class FlameMagics(Magics):
     )
     @argument("--no-assign", action="store_true", help="Bring no names back; only show the output.")
     @argument("--timeout", type=float, metavar="SECONDS", help="Stop the cell after this long on the runner.")
+    @argument(
+        "--pip",
+        action="append",
+        metavar="REQUIREMENT",
+        help="Install this pip requirement (e.g. 'pandas==2.2.2') on the runner before the cell runs; "
+        "repeat for several (see also FlameMagics.requirements).",
+    )
     @argument_group("Map over inputs")
     @argument(
         "--map",
@@ -176,11 +194,20 @@ class FlameMagics(Magics):
 
             %%flmrun --background job
             model = train(features, labels)
+
+            %%flmrun --pip "scikit-learn==1.5.2"
+            from sklearn.linear_model import LinearRegression
         """
         line, map_spec = take_map_option(line)  # a Python expression, which the option parser would split
         args = parse_argstring(self.flmrun, line)
         if map_spec is not None:
             args.map = map_spec
+        for requirement in [*self.requirements, *(args.pip or [])]:
+            if not requirement.strip() or requirement.lstrip().startswith("-"):
+                raise UsageError(
+                    f"--pip and FlameMagics.requirements take requirements such as 'pandas==2.2.2', not "
+                    f"{requirement!r}; give pip options as PIP_* variables in the runner's environment."
+                )
         try:
             return self._run_cell(args, cell_source)
         except SyntaxError as exc:
@@ -203,7 +230,10 @@ class FlameMagics(Magics):
                 shipper = connection.shipper(plan.key)
             # Large values go to Flame's object cache now, and travel by reference.
             reads = [name for name in names.reads if name != plan.item]
-            inputs = pack(reads, self.shell.user_ns, shipper)
+            with codec.record_modules() as used:
+                inputs = pack(reads, self.shell.user_ns, shipper)
+                if isinstance(plan.items, list) and plan.items:
+                    _sample(plan.items[0])  # what the items need, as one of them shows (not read ahead)
         except (ShipError, RequestError) as exc:
             self._close_private(session_id)
             raise UsageError(str(exc)) from None
@@ -220,6 +250,13 @@ class FlameMagics(Magics):
             timeout=self.timeout if args.timeout is None else args.timeout,
             values_only=plan.item is not None,
         )
+        try:
+            # The notebook's own modules the cell uses travel with it; installed packages are checked.
+            pip = [*self.requirements, *(args.pip or [])]
+            connection.environment.attach(request, tree, used, shipper, pip, check=self.check_packages)
+        except ShipError as exc:
+            self._close_private(session_id)
+            raise UsageError(str(exc)) from None
         if plan.item is not None:
             return self._map(plan, request)
         asked = list(request.assign) if args.assign is not None else []
@@ -668,6 +705,8 @@ class FlameMagics(Magics):
         if connection.endpoint:
             self._show_applications(connection)
         print(f"Application: {connection.application}")
+        for line in connection.environment.status():
+            print(line)
         sessions = connection.sessions()
         if not sessions:
             print("Sessions: none yet")
@@ -694,6 +733,14 @@ def _kept(items: Iterator[Any], seen: list[Any]) -> Iterator[Any]:
     for item in items:
         seen.append(item)
         yield item
+
+
+def _sample(item: Any) -> None:
+    """Pickle one --map item to note the modules it needs (one that does not pickle is reported later)."""
+    try:
+        codec.dumps(item)
+    except codec.UnpicklableError:
+        pass
 
 
 def load(ip: Any) -> None:

@@ -29,6 +29,7 @@ from flame_magic.client import (
 from flame_magic.config import Target, resolve_cache
 from flame_magic.deploy import check_application
 from flame_magic.errors import CellFailed
+from flame_magic.modules import Environment
 from flame_magic.protocol import MAX_MESSAGE_BYTES, cell, types
 from flame_magic.sessions import DEFAULT, RequestError, SessionKey, fits
 from flame_magic.transfer import Shipper, blobs
@@ -147,6 +148,8 @@ class Connection:
         self._shippers: dict[str, Shipper] = {}  # by session id: what each session stored
         #: Called with a note for the user (the magics print it), e.g. when a session was replaced.
         self.notify: Callable[[str], None] = lambda message: None
+        #: The notebook's modules and the packages cells need (see flame_magic.modules).
+        self.environment = Environment(notify=lambda message: self.notify(message))
 
     def use_application(self, application: str) -> None:
         """Run the next cells on another application, in a new session."""
@@ -433,6 +436,7 @@ class Connection:
 
     def _allow_cache(self, request: cell.CellRequest, session_id: str) -> None:
         """Let the runner put large results in the cache, under the session's key prefix."""
+        self.environment.check(request, session_id)
         access = self._shipper_for(session_id).access()
         if access is None:
             request.ClearField("cache")
@@ -447,9 +451,13 @@ class Connection:
         state = task.status.state
         if task.spec.HasField("output") and task.spec.output:
             try:
-                return codec.decode(cell.CellResult, task.spec.output, "the Flame runner")
+                result = codec.decode(cell.CellResult, task.spec.output, "the Flame runner")
             except codec.PayloadError as exc:
                 raise CellFailed(str(exc)) from None
+            self.environment.saw(task.spec.session_id, result)
+            if result.HasField("refused"):
+                raise CellFailed(result.refused)
+            return result
         if state == types.Cancelled:
             raise CellFailed(
                 "The cell's task was cancelled because its session was closed. Run the cell again: "

@@ -66,6 +66,7 @@ from flame_magic.cache import CacheClient, CacheError
 from flame_magic.protocol import MAX_MESSAGE_BYTES, cell
 from flame_magic.transfer import CACHE_HINT, RUNNER_SIDE, Outgoing, Shipper
 
+from .environment import Environment
 from .fdcapture import fd_capture
 
 # matplotlib's backend for cells, as ipykernel sets it: figures become PNG displays.
@@ -228,12 +229,14 @@ class Evaluator:
         self._caches: dict[str, CacheClient] = {}
         self._shippers: dict[tuple[str, str], Shipper] = {}
         self._shipper = Shipper(None, None, RUNNER_SIDE)  # the running cell's
+        self.environment = Environment()  # the notebook's modules, --pip, package versions
         sys.modules["__main__"] = self.module
 
     def prepare(self) -> None:
         """Import IPython and set up display capture (idempotent; about 0.2 s the first time)."""
         if self._shell is not None:
             return
+        self.environment.warm()
         from IPython.core.interactiveshell import InteractiveShell
         from traitlets.config import Config
 
@@ -353,6 +356,8 @@ class Evaluator:
 
     def _run(self, request: cell.CellRequest, result: cell.CellResult) -> None:
         filename = request.filename or "<flmrun cell>"
+        if not self.environment.prepare(request, result, self._shipper):
+            return  # refused before anything is unpickled
         loaded = self._load_inputs(request.inputs, result)
         if loaded is None:
             return

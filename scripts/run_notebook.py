@@ -8,6 +8,7 @@ Exits non-zero if a cell fails that is not tagged ``raises-exception``.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -39,7 +40,15 @@ def main() -> int:
     parser.add_argument("--save", action="store_true", help="write the outputs back into the notebook")
     args = parser.parse_args()
     notebook = nbformat.read(args.notebook, as_version=4)
-    client = NotebookClient(notebook, timeout=300, kernel_name="python3", allow_errors=False)
+    # The kernel starts in the notebook's folder, as in Jupyter (and nbval).
+    folder = os.path.dirname(os.path.abspath(args.notebook))
+    client = NotebookClient(
+        notebook,
+        timeout=300,
+        kernel_name="python3",
+        allow_errors=False,
+        resources={"metadata": {"path": folder}},
+    )
     started = time.perf_counter()
     try:
         client.execute()

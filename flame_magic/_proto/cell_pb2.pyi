@@ -52,8 +52,42 @@ class CacheAccess(_message.Message):
     key_prefix: str
     def __init__(self, endpoint: _Optional[str] = ..., key_prefix: _Optional[str] = ...) -> None: ...
 
+class Module(_message.Message):
+    __slots__ = ("name", "digest", "package", "filename", "source", "blob")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PACKAGE_FIELD_NUMBER: _ClassVar[int]
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    BLOB_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    digest: str
+    package: bool
+    filename: str
+    source: bytes
+    blob: Blob
+    def __init__(self, name: _Optional[str] = ..., digest: _Optional[str] = ..., package: _Optional[bool] = ..., filename: _Optional[str] = ..., source: _Optional[bytes] = ..., blob: _Optional[_Union[Blob, _Mapping]] = ...) -> None: ...
+
+class Requirement(_message.Message):
+    __slots__ = ("module", "distribution", "version")
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    DISTRIBUTION_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    module: str
+    distribution: str
+    version: str
+    def __init__(self, module: _Optional[str] = ..., distribution: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
+class Package(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
+
 class CellRequest(_message.Message):
-    __slots__ = ("header", "source", "filename", "first_line", "inputs", "assign", "timeout", "cache", "values_only", "channel")
+    __slots__ = ("header", "source", "filename", "first_line", "inputs", "assign", "timeout", "cache", "values_only", "channel", "modules", "requires", "pip")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     FILENAME_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +98,9 @@ class CellRequest(_message.Message):
     CACHE_FIELD_NUMBER: _ClassVar[int]
     VALUES_ONLY_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    MODULES_FIELD_NUMBER: _ClassVar[int]
+    REQUIRES_FIELD_NUMBER: _ClassVar[int]
+    PIP_FIELD_NUMBER: _ClassVar[int]
     header: Header
     source: str
     filename: str
@@ -74,7 +111,10 @@ class CellRequest(_message.Message):
     cache: CacheAccess
     values_only: bool
     channel: str
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., source: _Optional[str] = ..., filename: _Optional[str] = ..., first_line: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., assign: _Optional[_Iterable[str]] = ..., timeout: _Optional[float] = ..., cache: _Optional[_Union[CacheAccess, _Mapping]] = ..., values_only: _Optional[bool] = ..., channel: _Optional[str] = ...) -> None: ...
+    modules: _containers.RepeatedCompositeFieldContainer[Module]
+    requires: _containers.RepeatedCompositeFieldContainer[Requirement]
+    pip: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., source: _Optional[str] = ..., filename: _Optional[str] = ..., first_line: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., assign: _Optional[_Iterable[str]] = ..., timeout: _Optional[float] = ..., cache: _Optional[_Union[CacheAccess, _Mapping]] = ..., values_only: _Optional[bool] = ..., channel: _Optional[str] = ..., modules: _Optional[_Iterable[_Union[Module, _Mapping]]] = ..., requires: _Optional[_Iterable[_Union[Requirement, _Mapping]]] = ..., pip: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class MimeBundle(_message.Message):
     __slots__ = ("data_json", "metadata_json")
@@ -121,7 +161,7 @@ class NotReturned(_message.Message):
     def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CellResult(_message.Message):
-    __slots__ = ("header", "outputs", "result", "result_pickle", "assigned", "not_returned", "error", "result_value")
+    __slots__ = ("header", "outputs", "result", "result_pickle", "assigned", "not_returned", "error", "result_value", "refused", "packages")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +170,8 @@ class CellResult(_message.Message):
     NOT_RETURNED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RESULT_VALUE_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    PACKAGES_FIELD_NUMBER: _ClassVar[int]
     header: Header
     outputs: _containers.RepeatedCompositeFieldContainer[Output]
     result: MimeBundle
@@ -138,4 +180,6 @@ class CellResult(_message.Message):
     not_returned: _containers.RepeatedCompositeFieldContainer[NotReturned]
     error: RemoteException
     result_value: Value
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Output, _Mapping]]] = ..., result: _Optional[_Union[MimeBundle, _Mapping]] = ..., result_pickle: _Optional[bytes] = ..., assigned: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., not_returned: _Optional[_Iterable[_Union[NotReturned, _Mapping]]] = ..., error: _Optional[_Union[RemoteException, _Mapping]] = ..., result_value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+    refused: str
+    packages: _containers.RepeatedCompositeFieldContainer[Package]
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Output, _Mapping]]] = ..., result: _Optional[_Union[MimeBundle, _Mapping]] = ..., result_pickle: _Optional[bytes] = ..., assigned: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., not_returned: _Optional[_Iterable[_Union[NotReturned, _Mapping]]] = ..., error: _Optional[_Union[RemoteException, _Mapping]] = ..., result_value: _Optional[_Union[Value, _Mapping]] = ..., refused: _Optional[str] = ..., packages: _Optional[_Iterable[_Union[Package, _Mapping]]] = ...) -> None: ...
