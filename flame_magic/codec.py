@@ -35,7 +35,9 @@ from google.protobuf.message import DecodeError, Message
 from flame_magic.protocol import cell
 
 # 2: large values by reference through Flame's object cache (Value.buffers, CellRequest.cache).
-# 3: the notebook's own modules, required packages and --pip (CellRequest.modules, requires, pip).
+# 3: the notebook's own modules, required packages and --pip (CellRequest.modules, requires, pip);
+#    a failed cell's frames for %debug (RemoteException.debug_id/frames, CellRequest.debug_fetch);
+#    builtin bases of remote exceptions (RemoteException.builtin_bases).
 PROTOCOL_VERSION = 3
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 CLOUDPICKLE_VERSION: str = cloudpickle.__version__
@@ -49,6 +51,10 @@ class PayloadError(Exception):
 
 class UnpicklableError(Exception):
     """A value that cloudpickle cannot serialise."""
+
+
+class TooLargeError(Exception):
+    """A value whose pickle would pass the size it was allowed."""
 
 
 def local_header() -> cell.Header:
@@ -191,6 +197,47 @@ def dumps(value: Any) -> bytes:
         return _dumps(value)
     except Exception as exc:
         raise UnpicklableError(str(exc) or type(exc).__name__) from exc
+
+
+class _CappedWriter:
+    """A pickle's destination that refuses to grow past ``limit`` bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.size = 0
+        self.parts: list[bytes] = []
+
+    def write(self, data: Any) -> int:
+        size = memoryview(data).nbytes
+        self.size += size
+        if self.size > self.limit:
+            raise TooLargeError(f"over {self.limit} bytes")
+        self.parts.append(bytes(data))
+        return size
+
+
+def dumps_within(value: Any, limit: int) -> bytes:
+    """Pickle a value as :func:`dumps` does, giving up as soon as it passes ``limit`` bytes.
+
+    The pickle is written as it is made, so a large value costs only what was written
+    before the limit, not a whole pickle (buffers are written in band, uncopied, and
+    refused whole when they alone are over the limit).
+
+    Raises
+    ------
+    TooLargeError
+        If the pickle would be over ``limit`` bytes.
+    UnpicklableError
+        If cloudpickle cannot serialise the value.
+    """
+    writer = _CappedWriter(limit)
+    try:
+        cloudpickle.CloudPickler(writer, protocol=5).dump(value)
+    except TooLargeError:
+        raise
+    except Exception as exc:
+        raise UnpicklableError(str(exc) or type(exc).__name__) from exc
+    return b"".join(writer.parts)
 
 
 def loads(data: bytes) -> Any:

@@ -31,7 +31,8 @@ from typing import Any
 from flame_magic import codec
 from flame_magic.capture import ShipError, format_size
 from flame_magic.client import FlameClient, FlameError, WaitStopped
-from flame_magic.errors import CellFailed, remote_error
+from flame_magic.debugger import remote_failure
+from flame_magic.errors import CellFailed
 from flame_magic.protocol import TERMINAL_TASK_STATES, cell, types
 
 # Items in flight beyond the runners' own: per instance, and the seconds' worth at the
@@ -384,8 +385,7 @@ class MapRun:
         except CellFailed as exc:
             return None, exc, None
         if result.HasField("error"):
-            error = result.error
-            return None, remote_error(error.ename, error.evalue, error.traceback, error.builtin_bases), result
+            return None, remote_failure(result.error), result
         try:
             return self._value_of(result), None, result
         except Exception as exc:

@@ -17,12 +17,12 @@ from IPython.core.magic_arguments import argument, argument_group, magic_argumen
 from IPython.display import display, publish_display_data
 from traitlets import Bool, Float, Int, List, Unicode
 
-from flame_magic import codec, deploy
+from flame_magic import codec, debugger, deploy
 from flame_magic.background import current_parent, follow, output_to
 from flame_magic.capture import ShipError, analyse, pack
 from flame_magic.client import FlameError, SessionGoneError, SessionStartError
 from flame_magic.config import ConfigError, Target, resolve, target_for
-from flame_magic.errors import CellFailed, MapInterrupted, add_note, remote_error
+from flame_magic.errors import CellFailed, MapInterrupted, add_note
 from flame_magic.fanout import NOT_DONE, MapOutcome, MapRun, item_payloads, iter_item_payloads
 from flame_magic.progress import ProgressDisplay
 from flame_magic.protocol import cell
@@ -249,6 +249,7 @@ class FlameMagics(Magics):
             assign=[] if plan.item else self._names_to_assign(args, names.binds),
             timeout=self.timeout if args.timeout is None else args.timeout,
             values_only=plan.item is not None,
+            send_frames=debugger.frames_with_error(plan, self.shell.call_pdb),
         )
         try:
             # The notebook's own modules the cell uses travel with it; installed packages are checked.
@@ -268,7 +269,7 @@ class FlameMagics(Magics):
             raise UsageError(str(exc)) from None
         except FlameError as exc:
             raise CellFailed(str(exc)) from None
-        return self._present(result, asked)
+        return self._present(result, asked, connection.session(plan.key))
 
     def _plan(self, args: Any) -> Plan:
         """Check the options of a %%flmrun cell and say where it runs."""
@@ -368,11 +369,9 @@ class FlameMagics(Magics):
         value = reprlib.Repr()
         value.maxstring = value.maxother = 60
         of = f" of {total}" if total is not None else ""
-        add_note(
-            error,
-            f"Item {index}{of} failed ({plan.item}={value.repr(items[index])}); "
-            f"the map stopped. {kept}{left}",
-        )
+        item = f"{plan.item}={value.repr(items[index])}"
+        add_note(error, f"Item {index}{of} failed ({item}); the map stopped. {kept}{left}")
+        debugger.name_failure(error, f"item {index} of the map ({item})")
         raise error
 
     def _background(
@@ -399,6 +398,7 @@ class FlameMagics(Magics):
                     value = self._present(connection.result_of(task), asked)
                 except BaseException as exc:
                     self._show_error(exc)
+                    debugger.remember(exc)  # %debug opens it, as for an error a cell raised
                     raise
                 if value is not None:
                     display(value)
@@ -512,13 +512,17 @@ class FlameMagics(Magics):
         number = getattr(running, "execution_count", None)
         return int(number) if number is not None else int(self.shell.execution_count)
 
-    def _present(self, result: cell.CellResult, asked: list[str] | None = None) -> Any:
+    def _present(
+        self, result: cell.CellResult, asked: list[str] | None = None, session_id: str | None = None
+    ) -> Any:
         """Show what the cell showed, assign what it bound, raise its error or return its value.
 
         Parameters
         ----------
         asked
             The names ``--assign`` asked for: those the cell did not bind are named.
+        session_id
+            Where ``%debug`` can ask for a failure's frames.
         """
         self._show_outputs(result)
         for value in result.assigned:
@@ -542,8 +546,8 @@ class FlameMagics(Magics):
                 file=sys.stderr,
             )
         if result.HasField("error"):
-            error = result.error
-            raise remote_error(error.ename, error.evalue, error.traceback, error.builtin_bases)
+            fetch = debugger.fetcher(self.connection(), session_id) if session_id else None
+            raise debugger.remote_failure(result.error, fetch)
         return self._value_of(result)
 
     @staticmethod
@@ -749,6 +753,7 @@ def load(ip: Any) -> None:
         return
     magics = FlameMagics(ip)
     ip.register_magics(magics)
+    debugger.install(ip)
     atexit.register(magics.shutdown)
 
 
@@ -759,5 +764,6 @@ def unload(ip: Any) -> None:
         return
     atexit.unregister(magics.shutdown)
     magics.shutdown()
+    debugger.uninstall(ip)
     ip.magics_manager.magics["cell"].pop("flmrun", None)
     ip.magics_manager.magics["line"].pop("flame", None)

@@ -443,6 +443,25 @@ class Connection:
         else:
             request.cache.CopyFrom(access)
 
+    def ask(self, session_id: str, request: cell.CellRequest) -> cell.CellResult:
+        """Send a request that runs no cell (e.g. ``debug_fetch``) to ``session_id``'s runner.
+
+        Unlike :meth:`run`, a session that is gone is not replaced (the answer was on its
+        runner), and a Flame this connection no longer uses is not started again.
+
+        Raises
+        ------
+        FlameError
+            If the session is gone or Flame cannot be reached.
+        CellFailed
+            If the runner gave no answer (it died).
+        """
+        client = self._client
+        if client is None:
+            raise FlameError("this notebook no longer uses the Flame that ran the cell")
+        task = client.create_task(session_id, codec.encode(request))
+        return self._result(client.wait_task(session_id, task.metadata.id))
+
     def result_of(self, task: types.Task) -> cell.CellResult:
         """A finished task's CellResult; CellFailed when the runner gave none (died, cancelled)."""
         return self._result(task)

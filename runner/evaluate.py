@@ -66,6 +66,7 @@ from flame_magic.cache import CacheClient, CacheError
 from flame_magic.protocol import MAX_MESSAGE_BYTES, cell
 from flame_magic.transfer import CACHE_HINT, RUNNER_SIDE, Outgoing, Shipper
 
+from .debug import FailureKeeper
 from .environment import Environment
 from .fdcapture import fd_capture
 
@@ -230,6 +231,7 @@ class Evaluator:
         self._shippers: dict[tuple[str, str], Shipper] = {}
         self._shipper = Shipper(None, None, RUNNER_SIDE)  # the running cell's
         self.environment = Environment()  # the notebook's modules, --pip, package versions
+        self._failure = FailureKeeper()  # the last failed cell's frames, for %debug
         sys.modules["__main__"] = self.module
 
     def prepare(self) -> None:
@@ -282,6 +284,10 @@ class Evaluator:
             Outputs, last-expression value, assigned names and error, fitted in
             :data:`RESULT_LIMIT` bytes. Errors of the cell are reported, never raised.
         """
+        if request.debug_fetch:  # %debug asks for a failed cell's frames: no cell runs
+            answer = self._failure.answer(request.debug_fetch)
+            return cell.CellResult(header=codec.local_header(), debug=answer)
+        self._failure.clear()
         self.prepare()
         result = cell.CellResult(header=codec.local_header())
         recorder = _Recorder(RESULT_LIMIT)
@@ -369,6 +375,7 @@ class Evaluator:
                 value, quiet = self._execute(request.source, filename, max(request.first_line, 1))
         except BaseException as exc:  # noqa: B036 - SystemExit and KeyboardInterrupt of a cell are its errors
             result.error.CopyFrom(remote_exception(exc, filename))
+            self._failure.keep(exc, result.error, send=request.send_frames)
         else:
             if value is not None and not quiet:
                 self._set_result(result, value, values_only=request.values_only)
@@ -674,6 +681,8 @@ def fit_to_limit(
         not suggest configuring one).
     """
     reserve = _NOTICE_ROOM if dropped else 0
+    if result.ByteSize() + reserve > limit and result.error.HasField("frames"):
+        result.error.ClearField("frames")  # %debug then asks the runner, which kept them
     if result.ByteSize() + reserve > limit:
         result.ClearField("result_pickle")
     while result.ByteSize() + reserve > limit and len(result.assigned) > 0:

@@ -87,7 +87,7 @@ class Package(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class CellRequest(_message.Message):
-    __slots__ = ("header", "source", "filename", "first_line", "inputs", "assign", "timeout", "cache", "values_only", "channel", "modules", "requires", "pip")
+    __slots__ = ("header", "source", "filename", "first_line", "inputs", "assign", "timeout", "cache", "values_only", "channel", "modules", "requires", "pip", "send_frames", "debug_fetch")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     FILENAME_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,8 @@ class CellRequest(_message.Message):
     MODULES_FIELD_NUMBER: _ClassVar[int]
     REQUIRES_FIELD_NUMBER: _ClassVar[int]
     PIP_FIELD_NUMBER: _ClassVar[int]
+    SEND_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    DEBUG_FETCH_FIELD_NUMBER: _ClassVar[int]
     header: Header
     source: str
     filename: str
@@ -114,7 +116,9 @@ class CellRequest(_message.Message):
     modules: _containers.RepeatedCompositeFieldContainer[Module]
     requires: _containers.RepeatedCompositeFieldContainer[Requirement]
     pip: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., source: _Optional[str] = ..., filename: _Optional[str] = ..., first_line: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., assign: _Optional[_Iterable[str]] = ..., timeout: _Optional[float] = ..., cache: _Optional[_Union[CacheAccess, _Mapping]] = ..., values_only: _Optional[bool] = ..., channel: _Optional[str] = ..., modules: _Optional[_Iterable[_Union[Module, _Mapping]]] = ..., requires: _Optional[_Iterable[_Union[Requirement, _Mapping]]] = ..., pip: _Optional[_Iterable[str]] = ...) -> None: ...
+    send_frames: bool
+    debug_fetch: str
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., source: _Optional[str] = ..., filename: _Optional[str] = ..., first_line: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., assign: _Optional[_Iterable[str]] = ..., timeout: _Optional[float] = ..., cache: _Optional[_Union[CacheAccess, _Mapping]] = ..., values_only: _Optional[bool] = ..., channel: _Optional[str] = ..., modules: _Optional[_Iterable[_Union[Module, _Mapping]]] = ..., requires: _Optional[_Iterable[_Union[Requirement, _Mapping]]] = ..., pip: _Optional[_Iterable[str]] = ..., send_frames: _Optional[bool] = ..., debug_fetch: _Optional[str] = ...) -> None: ...
 
 class MimeBundle(_message.Message):
     __slots__ = ("data_json", "metadata_json")
@@ -141,16 +145,76 @@ class Output(_message.Message):
     def __init__(self, stream: _Optional[_Union[Stream, _Mapping]] = ..., display: _Optional[_Union[MimeBundle, _Mapping]] = ...) -> None: ...
 
 class RemoteException(_message.Message):
-    __slots__ = ("ename", "evalue", "traceback", "builtin_bases")
+    __slots__ = ("ename", "evalue", "traceback", "builtin_bases", "debug_id", "frames")
     ENAME_FIELD_NUMBER: _ClassVar[int]
     EVALUE_FIELD_NUMBER: _ClassVar[int]
     TRACEBACK_FIELD_NUMBER: _ClassVar[int]
     BUILTIN_BASES_FIELD_NUMBER: _ClassVar[int]
+    DEBUG_ID_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
     ename: str
     evalue: str
     traceback: str
     builtin_bases: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, ename: _Optional[str] = ..., evalue: _Optional[str] = ..., traceback: _Optional[str] = ..., builtin_bases: _Optional[_Iterable[str]] = ...) -> None: ...
+    debug_id: str
+    frames: DebugFrames
+    def __init__(self, ename: _Optional[str] = ..., evalue: _Optional[str] = ..., traceback: _Optional[str] = ..., builtin_bases: _Optional[_Iterable[str]] = ..., debug_id: _Optional[str] = ..., frames: _Optional[_Union[DebugFrames, _Mapping]] = ...) -> None: ...
+
+class FrameLocal(_message.Message):
+    __slots__ = ("name", "pickle", "repr", "too_large", "unpicklable")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PICKLE_FIELD_NUMBER: _ClassVar[int]
+    REPR_FIELD_NUMBER: _ClassVar[int]
+    TOO_LARGE_FIELD_NUMBER: _ClassVar[int]
+    UNPICKLABLE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    pickle: bytes
+    repr: str
+    too_large: str
+    unpicklable: str
+    def __init__(self, name: _Optional[str] = ..., pickle: _Optional[bytes] = ..., repr: _Optional[str] = ..., too_large: _Optional[str] = ..., unpicklable: _Optional[str] = ...) -> None: ...
+
+class Frame(_message.Message):
+    __slots__ = ("filename", "function", "lineno", "first_lineno", "args", "module", "cell_globals", "locals")
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    LINENO_FIELD_NUMBER: _ClassVar[int]
+    FIRST_LINENO_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    CELL_GLOBALS_FIELD_NUMBER: _ClassVar[int]
+    LOCALS_FIELD_NUMBER: _ClassVar[int]
+    filename: str
+    function: str
+    lineno: int
+    first_lineno: int
+    args: _containers.RepeatedScalarFieldContainer[str]
+    module: bool
+    cell_globals: bool
+    locals: _containers.RepeatedCompositeFieldContainer[FrameLocal]
+    def __init__(self, filename: _Optional[str] = ..., function: _Optional[str] = ..., lineno: _Optional[int] = ..., first_lineno: _Optional[int] = ..., args: _Optional[_Iterable[str]] = ..., module: _Optional[bool] = ..., cell_globals: _Optional[bool] = ..., locals: _Optional[_Iterable[_Union[FrameLocal, _Mapping]]] = ...) -> None: ...
+
+class SourceFile(_message.Message):
+    __slots__ = ("filename", "first_line", "lines")
+    FILENAME_FIELD_NUMBER: _ClassVar[int]
+    FIRST_LINE_FIELD_NUMBER: _ClassVar[int]
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    filename: str
+    first_line: int
+    lines: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, filename: _Optional[str] = ..., first_line: _Optional[int] = ..., lines: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DebugFrames(_message.Message):
+    __slots__ = ("frames", "sources", "missing", "left_out")
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    LEFT_OUT_FIELD_NUMBER: _ClassVar[int]
+    frames: _containers.RepeatedCompositeFieldContainer[Frame]
+    sources: _containers.RepeatedCompositeFieldContainer[SourceFile]
+    missing: str
+    left_out: int
+    def __init__(self, frames: _Optional[_Iterable[_Union[Frame, _Mapping]]] = ..., sources: _Optional[_Iterable[_Union[SourceFile, _Mapping]]] = ..., missing: _Optional[str] = ..., left_out: _Optional[int] = ...) -> None: ...
 
 class NotReturned(_message.Message):
     __slots__ = ("name", "reason")
@@ -161,7 +225,7 @@ class NotReturned(_message.Message):
     def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CellResult(_message.Message):
-    __slots__ = ("header", "outputs", "result", "result_pickle", "assigned", "not_returned", "error", "result_value", "refused", "packages")
+    __slots__ = ("header", "outputs", "result", "result_pickle", "assigned", "not_returned", "error", "result_value", "refused", "packages", "debug")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +236,7 @@ class CellResult(_message.Message):
     RESULT_VALUE_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     PACKAGES_FIELD_NUMBER: _ClassVar[int]
+    DEBUG_FIELD_NUMBER: _ClassVar[int]
     header: Header
     outputs: _containers.RepeatedCompositeFieldContainer[Output]
     result: MimeBundle
@@ -182,4 +247,5 @@ class CellResult(_message.Message):
     result_value: Value
     refused: str
     packages: _containers.RepeatedCompositeFieldContainer[Package]
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Output, _Mapping]]] = ..., result: _Optional[_Union[MimeBundle, _Mapping]] = ..., result_pickle: _Optional[bytes] = ..., assigned: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., not_returned: _Optional[_Iterable[_Union[NotReturned, _Mapping]]] = ..., error: _Optional[_Union[RemoteException, _Mapping]] = ..., result_value: _Optional[_Union[Value, _Mapping]] = ..., refused: _Optional[str] = ..., packages: _Optional[_Iterable[_Union[Package, _Mapping]]] = ...) -> None: ...
+    debug: DebugFrames
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Output, _Mapping]]] = ..., result: _Optional[_Union[MimeBundle, _Mapping]] = ..., result_pickle: _Optional[bytes] = ..., assigned: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., not_returned: _Optional[_Iterable[_Union[NotReturned, _Mapping]]] = ..., error: _Optional[_Union[RemoteException, _Mapping]] = ..., result_value: _Optional[_Union[Value, _Mapping]] = ..., refused: _Optional[str] = ..., packages: _Optional[_Iterable[_Union[Package, _Mapping]]] = ..., debug: _Optional[_Union[DebugFrames, _Mapping]] = ...) -> None: ...
