@@ -16,10 +16,13 @@ import contextlib
 import sys
 import threading
 from collections.abc import Callable, Generator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flame_magic.client import FlameClient, FlameError, WaitStopped
 from flame_magic.protocol import types
+
+if TYPE_CHECKING:
+    from flame_magic.remote import LiveChannel
 
 
 def current_parent(shell: Any) -> Any:
@@ -129,6 +132,7 @@ def follow(
     finish: Callable[[types.Task], Any],
     fail: Callable[[BaseException], BaseException],
     close: Callable[[], bool] | None = None,
+    live: LiveChannel | None = None,
 ) -> BackgroundCell:
     """Follow a created task in a thread and return its handle.
 
@@ -146,6 +150,8 @@ def follow(
         handle raises (having shown it where it belongs).
     close
         Closes the cell's own session once the task ended (None: a shared session).
+    live
+        The cell's live channel: what it shows while it runs is shown as it comes.
     """
     stop = threading.Event()
 
@@ -158,7 +164,9 @@ def follow(
 
     def run() -> None:
         try:
-            task = client.wait_task(session_id, task_id, stop=stop)
+            task = client.wait_task(session_id, task_id, stop=stop, tick=live.poll if live else None)
+            if live is not None:
+                live.finish()  # the rest of what it streamed, before what came with its result
         except WaitStopped:
             if close is not None:
                 _close_when_done(client, session_id, task_id, close)

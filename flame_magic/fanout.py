@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flame_magic import codec
 from flame_magic.capture import ShipError, format_size
@@ -34,6 +34,9 @@ from flame_magic.client import FlameClient, FlameError, WaitStopped
 from flame_magic.debugger import remote_failure
 from flame_magic.errors import CellFailed
 from flame_magic.protocol import TERMINAL_TASK_STATES, cell, types
+
+if TYPE_CHECKING:
+    from flame_magic.remote import LiveChannel
 
 # Items in flight beyond the runners' own: per instance, and the seconds' worth at the
 # measured rate (bounded), so that the window refills before a runner goes idle.
@@ -111,18 +114,24 @@ class MapOutcome:
     left_running: int = 0
 
 
-def item_payloads(shared: bytes, name: str, items: Iterable[Any], limit: int) -> list[bytes]:
+def item_payloads(
+    shared: bytes, name: str, items: Iterable[Any], limit: int, channel: str = ""
+) -> list[bytes]:
     """The task input of every item: the encoded shared request, then the item as one more input.
+
+    With ``channel``, item ``i`` streams its live output to channel ``<channel>-<i>``.
 
     Raises
     ------
     ShipError
         If an item cannot be pickled, or its task would exceed ``limit`` bytes.
     """
-    return list(iter_item_payloads(shared, name, items, limit))
+    return list(iter_item_payloads(shared, name, items, limit, channel))
 
 
-def iter_item_payloads(shared: bytes, name: str, items: Iterable[Any], limit: int) -> Iterator[bytes]:
+def iter_item_payloads(
+    shared: bytes, name: str, items: Iterable[Any], limit: int, channel: str = ""
+) -> Iterator[bytes]:
     """:func:`item_payloads` one at a time, as the items come (for iterators of unknown length)."""
     for index, item in enumerate(items):
         try:
@@ -133,9 +142,10 @@ def iter_item_payloads(shared: bytes, name: str, items: Iterable[Any], limit: in
                 f"Cannot send item {index} ({kind}) of the map to the Flame runner: {exc}. "
                 "Map over picklable values (e.g. file names or parameters) and create the rest in the cell."
             ) from None
-        payload = (
-            shared + cell.CellRequest(inputs=[cell.Value(name=name, pickle=pickled)]).SerializeToString()
-        )
+        own = cell.CellRequest(inputs=[cell.Value(name=name, pickle=pickled)])
+        if channel:
+            own.channel = f"{channel}-{index}"
+        payload = shared + own.SerializeToString()
         if len(payload) > limit:
             raise ShipError(
                 f"Item {index} of the map would send {format_size(len(payload))} to Flame (the cell's "
@@ -168,6 +178,12 @@ class MapRun:
         Stop sending items at the first failure (else failures take their item's place).
     on_progress
         Called on this thread at most every :data:`PROGRESS_INTERVAL` seconds, and at the end.
+    show
+        Shows one output of an item, on this thread: the items' outputs are shown in input
+        order as they come (else they are returned in the outcome).
+    live
+        The live channel of item ``i`` (see :func:`item_payloads`), or None: what the item at
+        the head of the order prints while it runs is shown at once, polled with the progress.
     """
 
     def __init__(
@@ -180,6 +196,8 @@ class MapRun:
         value_of: Callable[[cell.CellResult], Any],
         stop_at_failure: bool = True,
         on_progress: Callable[[Progress], None] | None = None,
+        show: Callable[[cell.Output], None] | None = None,
+        live: Callable[[int], LiveChannel | None] | None = None,
     ) -> None:
         self.client = client
         self.session_id = session_id
@@ -204,6 +222,11 @@ class MapRun:
         self._started = 0.0
         self._last_done = 0.0
         self._watchers: list[threading.Thread] = []
+        self._show = show
+        self._live = live
+        self._shown = 0  # items before this index have had their outputs shown
+        self._sent = 0
+        self._head: LiveChannel | None = None  # the channel of item _shown, while it runs
 
     def run(self) -> MapOutcome:
         """Run every item; return what finished, also when interrupted (then ``interrupted`` is set)."""
@@ -219,10 +242,11 @@ class MapRun:
             self._stop.set()
             for _ in self._watchers:
                 self._queue.put(None)
+        self._show_in_order(final=True)
         with self._cond:
             outcome = MapOutcome(
                 results=list(self._results),
-                outputs=sorted(self._outputs.items()),
+                outputs=[] if self._show is not None else sorted(self._outputs.items()),
                 failure=self._failure,
                 fatal=self._fatal,
                 interrupted=interrupted,
@@ -266,6 +290,7 @@ class MapRun:
             now = time.monotonic()
             if now >= next_report:
                 next_report = now + PROGRESS_INTERVAL
+                self._show_in_order()
                 if self._on_progress is not None:
                     self._on_progress(self._progress())
 
@@ -287,6 +312,36 @@ class MapRun:
         with self._cond:
             self._fatal = failure
         return None
+
+    def _show_in_order(self, final: bool = False) -> None:
+        """Show the outputs of the items finished in turn, and the live output of the next one.
+
+        Only the first unfinished item's channel is polled: one cache call per progress tick,
+        however many items run. At the end (``final``) items that did not finish are skipped.
+        """
+        if self._show is None:
+            return
+        while self._shown < len(self._results):
+            index = self._shown
+            with self._cond:
+                finished = self._results[index] is not NOT_DONE
+                result = self._outputs.pop(index, None)
+            if not finished and not final:
+                if index < self._sent and self._live is not None:
+                    if self._head is None:
+                        self._head = self._live(index)
+                    if self._head is not None:
+                        self._head.poll()
+                return
+            head, self._head = self._head, None
+            streamed = result is not None and result.streamed
+            if head is None and streamed and self._live is not None:
+                head = self._live(index)
+            if head is not None:
+                head.finish(streamed=streamed)  # what it streamed, before what came with its result
+            for output in result.outputs if result is not None else ():
+                self._show(output)
+            self._shown += 1
 
     def _unstall(self) -> None:
         """Add a watcher when tasks wait to be watched and none finished for a while.
@@ -374,7 +429,7 @@ class MapRun:
                     self._failure = (index, error)
             else:
                 self._results[index] = value
-            if result is not None and len(result.outputs) > 0:
+            if result is not None and (len(result.outputs) > 0 or result.streamed):
                 self._outputs[index] = result
             self._cond.notify_all()
 

@@ -8,6 +8,7 @@ import json
 import os
 import reprlib
 import sys
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -26,7 +27,7 @@ from flame_magic.errors import CellFailed, MapInterrupted, add_note
 from flame_magic.fanout import NOT_DONE, MapOutcome, MapRun, item_payloads, iter_item_payloads
 from flame_magic.progress import ProgressDisplay
 from flame_magic.protocol import cell
-from flame_magic.remote import TASK_INPUT_LIMIT, Connection
+from flame_magic.remote import TASK_INPUT_LIMIT, Connection, LiveChannel
 from flame_magic.sessions import Plan, RequestError, plan, take_map_option
 
 # The cell body starts on the line after `%%flmrun`, and tracebacks should
@@ -298,17 +299,29 @@ class FlameMagics(Magics):
         try:
             session_id = connection.session(plan.key)
             shared = connection.prepare(request, session_id)
+            # With a cache, each item's live output on a channel of its own, shown in input order.
+            channel = uuid.uuid4().hex if request.HasField("cache") else ""
             payloads: Iterable[bytes]
             if isinstance(plan.items, list):  # every item is checked before any is sent
-                payloads = item_payloads(shared, plan.item, plan.items, TASK_INPUT_LIMIT)
+                payloads = item_payloads(shared, plan.item, plan.items, TASK_INPUT_LIMIT, channel)
             else:  # read as the map goes; the items seen are kept for the messages
-                payloads = iter_item_payloads(shared, plan.item, _kept(plan.items, items), TASK_INPUT_LIMIT)
+                payloads = iter_item_payloads(
+                    shared, plan.item, _kept(plan.items, items), TASK_INPUT_LIMIT, channel
+                )
             client = connection.client()
         except (ShipError, RequestError) as exc:
             raise UsageError(str(exc)) from None
         except FlameError as exc:
             raise CellFailed(str(exc)) from None
         progress = ProgressDisplay(self.shell, f"flmrun --map {plan.item}={plan.source}")
+
+        def show(output: cell.Output) -> None:
+            progress.close()  # in a terminal, an item's output starts below the progress line
+            self._show_output(output)
+
+        def live(index: int) -> LiveChannel | None:
+            return connection.live_channel(session_id, show, f"{channel}-{index}")
+
         run = MapRun(
             client,
             session_id,
@@ -318,6 +331,8 @@ class FlameMagics(Magics):
             value_of=self._value_of,
             stop_at_failure=not plan.return_exceptions,
             on_progress=progress.update,
+            show=show,
+            live=live if channel else None,
         )
         try:
             outcome = run.run()
@@ -380,8 +395,16 @@ class FlameMagics(Magics):
         """Start a --background cell and store its handle in the notebook."""
         assert plan.background is not None
         connection = self.connection()
+        parent = current_parent(self.shell)
+
+        def show(output: cell.Output) -> None:
+            with output_to(self.shell, parent):  # live output, into the cell that started it
+                self._show_output(output)
+
         try:
             session_id = session_id or connection.session(plan.key)
+            live = connection.live_channel(session_id, show)
+            request.channel = live.channel if live is not None else ""
             task = connection.client().create_task(session_id, connection.prepare(request, session_id))
         except (ShipError, RequestError) as exc:
             self._close_private(session_id if plan.private else None)
@@ -389,7 +412,6 @@ class FlameMagics(Magics):
         except FlameError as exc:
             self._close_private(session_id if plan.private else None)
             raise CellFailed(str(exc)) from None
-        parent = current_parent(self.shell)
         name = plan.background
 
         def finish(task: Any) -> Any:
@@ -415,7 +437,7 @@ class FlameMagics(Magics):
             connection.labels[session_id] = f"background `{name}`"
         label = f"{name} (cell {self._prompt_number()})"
         self.shell.user_ns[name] = follow(
-            connection.client(), session_id, task.metadata.id, label, finish, fail, close
+            connection.client(), session_id, task.metadata.id, label, finish, fail, close, live
         )
         print(f"flmrun: running in the background; `{name}.result()` or `await {name}` gives its value.")
 

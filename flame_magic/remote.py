@@ -98,15 +98,16 @@ class LiveChannel:
         self.cache.put(self.ctl_key, json.dumps({"interrupt": True, "grace": grace}).encode())
         self.interrupted = True
 
-    def finish(self) -> None:
+    def finish(self, streamed: bool = False) -> None:
         """Show the rest of what was streamed, then remove the channel's objects.
 
         The runner streams only from a quarter second into the cell, and this side polls
         from a fifth: a cell that ended before the first poll streamed nothing, so a
-        quick cell costs no cache call at all.
+        quick cell costs no cache call at all. ``streamed`` (the result's flag) says the
+        runner wrote to the channel though it was never polled (a --map item's, shown in turn).
         """
         keys = []
-        if self.polled:
+        if self.polled or streamed:
             self.poll()
             keys.append(self.out_key)
         if self.interrupted:
@@ -160,11 +161,17 @@ class Connection:
 
     @property
     def endpoint(self) -> str:
+        if self._embedded is not None and not self._embedded.running:
+            return ""  # stopped: a new one starts on next use
         return self._client.endpoint if self._client else self.target.endpoint
 
     def client(self) -> FlameClient:
-        """The Frontend client, starting the embedded Flame when no cluster is configured."""
+        """The Frontend client, starting the embedded Flame when no cluster is configured.
+
+        An embedded Flame that stopped (killed, crashed) is replaced by a new one, with a note.
+        """
         with self._lock:
+            self._drop_stopped_embedded("this runs on a new one")
             if self._client is None:
                 endpoint = self.target.endpoint
                 if self.target.embedded:
@@ -182,9 +189,38 @@ class Connection:
                 self._client = client
             return self._client
 
+    def _drop_stopped_embedded(self, then: str, wait: float = 0.0) -> bool:
+        """Forget an embedded Flame that stopped and all it held, so that the next call starts anew.
+
+        ``wait``: seconds to give one that is dying (a call to it just broke) to be gone.
+        """
+        with self._lock:
+            embedded = self._embedded
+            if embedded is None or not embedded.stopped(within=wait):
+                return False
+            status = embedded.exit_status
+            if self._client is not None:
+                self._client.close()
+            if self._cache is not None:
+                self._cache.close()
+            self._client, self._cache, self._cache_resolved = None, None, False
+            self._session_id = None
+            self._keyed.clear()
+            self._shippers.clear()
+            self.session_ids.clear()
+            self.labels.clear()
+            self._embedded = None
+            embedded.stop()  # removes what it left in its state directory
+            self.notify(
+                f"The embedded Flame had stopped (exit status {status}), and what its runners held "
+                f"(imports, definitions, values) is lost; {then}."
+            )
+            return True
+
     def cache(self) -> CacheClient | None:
         """Flame's object cache, if this Flame has one (the embedded Flame has its own)."""
         with self._lock:
+            self._drop_stopped_embedded("this runs on a new one")
             if not self._cache_resolved:
                 self.client()  # the embedded Flame says where its cache is once started
                 if self._embedded is not None:
@@ -247,6 +283,7 @@ class Connection:
         notebook's remote state (imports) between cells.
         """
         with self._lock:
+            self._drop_stopped_embedded("this runs on a new one")
             if key == DEFAULT:
                 if self._session_id is None:
                     self._session_id = self.open_session(key)
@@ -337,19 +374,23 @@ class Connection:
         try:
             task = client.create_task(session_id, data)
         except FlameError:
-            if not self._session_gone(session_id):
+            # The embedded Flame dying as this cell started (it says so), or the session closed.
+            restarted = self._drop_stopped_embedded("this runs on a new one", wait=1.0)
+            if not restarted and not self._session_gone(session_id):
                 raise
-            self.forget(session_id)  # closed behind our back: a fresh one, once
+            self.forget(session_id)  # a fresh one, once
             gone = session_id
+            client = self.client()
             session_id = self.session(key)
             self._allow_cache(request, session_id)
             live = self._live(request, session_id, show)
             data = codec.encode(request)
-            self.notify(
-                f"Session {gone} was closed or deleted outside this notebook (flmctl, an administrator, "
-                f"or a Flame restart); this cell runs in a new session, {session_id}: what earlier "
-                "cells left on the runner (imports, definitions) is gone."
-            )
+            if not restarted:
+                self.notify(
+                    f"Session {gone} was closed or deleted outside this notebook (flmctl, an "
+                    f"administrator, or a Flame restart); this cell runs in a new session, {session_id}: "
+                    "what earlier cells left on the runner (imports, definitions) is gone."
+                )
             task = client.create_task(session_id, data)
         try:
             task = self._wait(client, session_id, task.metadata.id, live, grace)
@@ -364,6 +405,10 @@ class Connection:
         except SessionGoneError as exc:
             self.forget(session_id)
             raise CellFailed(f"{exc} Run the cell again: a new session starts.") from None
+        except FlameError:
+            if not self._drop_stopped_embedded("the next cell starts a new one", wait=1.0):
+                raise
+            raise CellFailed("The cell did not finish: the embedded Flame stopped while it ran.") from None
         return self._result(task)
 
     def _live(
@@ -377,6 +422,19 @@ class Connection:
         live = LiveChannel(cache, request.cache.key_prefix, uuid.uuid4().hex, show)
         request.channel = live.channel
         return live
+
+    def live_channel(
+        self, session_id: str, show: Callable[[cell.Output], None], channel: str | None = None
+    ) -> LiveChannel | None:
+        """A live channel in ``session_id`` (--background, --map items); None without a cache.
+
+        Set its ``channel`` in the request (or item) before :meth:`prepare` encodes it.
+        """
+        access = self._shipper_for(session_id).access() if self.cache() is not None else None
+        if access is None:
+            return None
+        assert self._cache is not None
+        return LiveChannel(self._cache, access.key_prefix, channel or uuid.uuid4().hex, show)
 
     def _wait(
         self, client: FlameClient, session_id: str, task_id: str, live: LiveChannel | None, grace: float
@@ -508,15 +566,28 @@ class Connection:
 
     def applications(self) -> list[types.Application]:
         """The applications registered on Flame (connecting first)."""
-        return self.client().list_applications()
+        try:
+            return self.client().list_applications()
+        except FlameError:
+            # A dying embedded Flame (its threads still exiting) can break the call before it
+            # can be reaped: give it a moment, then ask the new one.
+            if not self._drop_stopped_embedded("this runs on a new one", wait=1.0):
+                raise
+            return self.client().list_applications()
 
     def sessions(self) -> list[SessionInfo]:
         """This notebook's sessions as Flame reports them."""
-        if self._client is None:
+        if self._drop_stopped_embedded("the next cell starts a new one") or self._client is None:
             return []
         mine = set(self.session_ids)
         infos = []
-        for session in self._client.list_sessions():
+        try:
+            listed = self._client.list_sessions()
+        except FlameError:
+            if self._drop_stopped_embedded("the next cell starts a new one", wait=1.0):
+                return []
+            raise
+        for session in listed:
             if session.metadata.id in mine:
                 status = session.status
                 infos.append(
@@ -555,7 +626,8 @@ class Connection:
         """Close the sessions and stop the embedded Flame, if this notebook started one."""
         with self._lock:
             try:
-                self.close_sessions()
+                if self._embedded is None or self._embedded.running:
+                    self.close_sessions()
             except FlameError:
                 pass  # Flame is gone or unreachable: nothing there to close, nothing to wait for
             finally:

@@ -10,12 +10,20 @@ manager) dies, so that nothing outlives its launcher.
 
 from __future__ import annotations
 
+import os
+import sys
+
+# `python -m` puts the working directory (the notebook's) first on sys.path, where a user's
+# runner.py, grpc.py or flame_magic.py would shadow what the runner imports. Our own imports
+# come from the installed packages; main() gives the directory back to the cells.
+_CELL_PATH = os.getcwd()
+if sys.path and sys.path[0] in ("", _CELL_PATH):
+    del sys.path[0]
+
 import atexit
 import contextlib
 import logging
-import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -173,11 +181,11 @@ def main() -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-    # Cells import modules from the working directory, as in a notebook: `python -m` puts
-    # it on the path, the console script does not.
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.insert(0, "")
     from flame_magic_runner import evaluate
+
+    # Cells import modules from the working directory first, as in a notebook; the runner's
+    # own modules are loaded by now, so a file there can no longer shadow them.
+    sys.path.insert(0, _CELL_PATH)
 
     status = serve(socket_path(endpoint), evaluate.evaluate, prepare=evaluate.prepare)
     # Leave without joining threads a cell may have left running, which would keep the

@@ -305,10 +305,29 @@ class Evaluator:
         finally:
             # Only what the notebook has not seen live comes with the result.
             unsent = live.stop() if live is not None else []
+        result.streamed = live is not None and live.created
         result.outputs.extend(unsent + recorder.take())
+        if self._shipper.enabled:
+            self._by_reference(result)
         fit_to_limit(result, RESULT_LIMIT, dropped=recorder.dropped, cache=self._shipper.enabled)
         self._shipper.evict()
         return result
+
+    def _by_reference(self, result: cell.CellResult) -> None:
+        """Make room by sending inline values through the cache, so that no value gives way."""
+        cap_representation(result, RESULT_LIMIT)
+        try:
+            if result.ByteSize() > RESULT_LIMIT and len(result.result_pickle) >= 1024:
+                pickled = codec.Pickled(result.result_pickle)
+                result.result_value.CopyFrom(self._shipper.ship("", pickled, force=True))
+                result.ClearField("result_pickle")
+            for value in sorted(result.assigned, key=lambda v: v.ByteSize(), reverse=True):
+                if result.ByteSize() <= RESULT_LIMIT or len(value.pickle) < 1024:
+                    break
+                if not value.buffers and not value.HasField("cached_pickle"):
+                    value.CopyFrom(self._shipper.ship(value.name, codec.Pickled(value.pickle), force=True))
+        except CacheError:
+            pass  # fit_to_limit leaves out what still does not fit, and says so
 
     def shipper(self, access: cell.CacheAccess | None) -> Shipper:
         """How values travel for a cell: through the object cache when the notebook reads it.
@@ -683,15 +702,11 @@ def fit_to_limit(
     reserve = _NOTICE_ROOM if dropped else 0
     if result.ByteSize() + reserve > limit and result.error.HasField("frames"):
         result.error.ClearField("frames")  # %debug then asks the runner, which kept them
-    if result.ByteSize() + reserve > limit:
-        result.ClearField("result_pickle")
-    while result.ByteSize() + reserve > limit and len(result.assigned) > 0:
-        index = max(range(len(result.assigned)), key=lambda i: len(result.assigned[i].pickle))
-        value = result.assigned[index]
-        alone = len(value.pickle) + _NOTICE_ROOM > limit
-        reason = _too_large(len(value.pickle), alone=alone, cache=cache)
-        result.not_returned.add(name=value.name, reason=reason)
-        del result.assigned[index]
+    if cache:
+        # Values went by reference and take little room: what is shown gives way first.
+        cap_representation(result, limit - reserve)
+    else:
+        _drop_values(result, limit - reserve, cache)
     excess = result.ByteSize() + _NOTICE_ROOM - limit
     if excess > 0:
         dropped += _cut_streams(result, excess)
@@ -701,14 +716,68 @@ def fit_to_limit(
         pass
     if result.ByteSize() > limit and result.HasField("result"):
         size = result.result.ByteSize()
-        result.result.CopyFrom(_placeholder(f"[result not shown: its representation, {_mib(size)}, {_OVER}]"))
+        shown = f"[result not shown: its representation, {_size(size)}, {_OVER}]"
+        result.result.CopyFrom(_placeholder(shown))
     if result.ByteSize() > limit and result.HasField("error"):
         error = result.error
         error.evalue = _clip(error.evalue, 4096)
         error.traceback = _clip(error.traceback, 64 * 1024, keep_end=True)
+    if cache:
+        _drop_values(result, limit, cache)
     if result.ByteSize() > limit:
         del result.outputs[:]
         result.outputs.add(stream=cell.Stream(name="stderr", text=f"[all output dropped: {_OVER}]\n"))
+
+
+def _drop_values(result: cell.CellResult, limit: int, cache: bool) -> None:
+    """Leave out the last expression's pickle (its repr still shows), then the largest assigned values."""
+    if result.ByteSize() > limit:
+        result.ClearField("result_pickle")
+    while result.ByteSize() > limit and len(result.assigned) > 0:
+        index = max(range(len(result.assigned)), key=lambda i: result.assigned[i].ByteSize())
+        value = result.assigned[index]
+        alone = value.ByteSize() + _NOTICE_ROOM > limit
+        reason = _too_large(value_size(value), alone=alone, cache=cache)
+        result.not_returned.add(name=value.name, reason=reason)
+        del result.assigned[index]
+
+
+def cap_representation(result: cell.CellResult, limit: int) -> None:
+    """Cut the last expression's shown form so that ``result`` fits in ``limit`` bytes.
+
+    Only its plain text is kept, its start, with a note that states the true sizes; the
+    value itself (``result_pickle``, ``result_value``) is not touched.
+    """
+    if result.ByteSize() <= limit or not result.HasField("result"):
+        return
+    bundle = result.result
+    total = bundle.ByteSize()
+    try:
+        text = str(json.loads(bundle.data_json).get("text/plain", ""))
+    except (ValueError, AttributeError):
+        text = ""
+    came_back = result.HasField("result_pickle") or result.HasField("result_value")
+    value_note = "the value itself came back" if came_back else "the value did not travel"
+    room = limit - (result.ByteSize() - total) - _NOTICE_ROOM
+    keep = max(0, room // 2)
+    while True:
+        shown = text[:keep]
+        note = (
+            f"[representation cut: showing {_size(_utf8_len(shown))} of its {_size(total)}, "
+            f"{_OVER}; {value_note}]"
+        )
+        bundle.CopyFrom(_placeholder(f"{shown}\n{note}" if shown else note))
+        if result.ByteSize() <= limit or keep == 0:
+            return
+        keep //= 2
+
+
+def value_size(value: cell.Value) -> int:
+    """The true size of a value in bytes: its pickle and its buffers, inline or in the cache."""
+    size = len(value.pickle) + sum(blob.size for blob in value.buffers)
+    if value.HasField("cached_pickle"):
+        size += value.cached_pickle.size
+    return size
 
 
 _OVER = "over Flame's 4 MiB task limit"
@@ -719,8 +788,8 @@ def _too_large(size: int, *, alone: bool, cache: bool = False) -> str:
     if not cache:
         where += f"; to bring large values back, {CACHE_HINT}"
     if alone:
-        return f"{_mib(size)} is {_OVER}; {where}"
-    return f"{_mib(size)} did not fit in Flame's 4 MiB task limit with the cell's other results; {where}"
+        return f"{_size(size)} is {_OVER}; {where}"
+    return f"{_size(size)} did not fit in Flame's 4 MiB task limit with the cell's other results; {where}"
 
 
 def _cut_streams(result: cell.CellResult, excess: int) -> int:
@@ -765,7 +834,7 @@ def _drop_largest_display(result: cell.CellResult) -> bool:
     size, index = max(sizes)
     if size <= 1024:
         return False
-    result.outputs[index].display.CopyFrom(_placeholder(f"[display not shown: {_mib(size)}, {_OVER}]"))
+    result.outputs[index].display.CopyFrom(_placeholder(f"[display not shown: {_size(size)}, {_OVER}]"))
     return True
 
 
@@ -780,8 +849,13 @@ def _clip(text: str, limit: int, keep_end: bool = False) -> str:
     return note + "\n" + text[-limit:] if keep_end else text[:limit] + note
 
 
-def _mib(size: int) -> str:
-    return f"{size / (1024 * 1024):.1f} MiB"
+def _size(size: int) -> str:
+    """``size`` bytes for a reader: "208 bytes", "12.5 KiB", "4.3 MiB"."""
+    if size >= 1024 * 1024:
+        return f"{size / (1024 * 1024):.1f} MiB"
+    if size >= 1024:
+        return f"{size / 1024:.1f} KiB"
+    return f"{size} bytes"
 
 
 def _ends_with_semicolon(source: str) -> bool:

@@ -137,6 +137,11 @@ class Live:
         _take_back(self)
         return self._unsent
 
+    @property
+    def created(self) -> bool:
+        """Whether some output went to the channel (the notebook then reads it before the result's)."""
+        return self._created
+
     def flush(self) -> None:
         with self._lock:
             outputs = self._take()

@@ -225,7 +225,7 @@ class NotReturned(_message.Message):
     def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CellResult(_message.Message):
-    __slots__ = ("header", "outputs", "result", "result_pickle", "assigned", "not_returned", "error", "result_value", "refused", "packages", "debug")
+    __slots__ = ("header", "outputs", "result", "result_pickle", "assigned", "not_returned", "error", "result_value", "refused", "packages", "streamed", "debug")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
@@ -236,6 +236,7 @@ class CellResult(_message.Message):
     RESULT_VALUE_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     PACKAGES_FIELD_NUMBER: _ClassVar[int]
+    STREAMED_FIELD_NUMBER: _ClassVar[int]
     DEBUG_FIELD_NUMBER: _ClassVar[int]
     header: Header
     outputs: _containers.RepeatedCompositeFieldContainer[Output]
@@ -247,5 +248,6 @@ class CellResult(_message.Message):
     result_value: Value
     refused: str
     packages: _containers.RepeatedCompositeFieldContainer[Package]
+    streamed: bool
     debug: DebugFrames
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Output, _Mapping]]] = ..., result: _Optional[_Union[MimeBundle, _Mapping]] = ..., result_pickle: _Optional[bytes] = ..., assigned: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., not_returned: _Optional[_Iterable[_Union[NotReturned, _Mapping]]] = ..., error: _Optional[_Union[RemoteException, _Mapping]] = ..., result_value: _Optional[_Union[Value, _Mapping]] = ..., refused: _Optional[str] = ..., packages: _Optional[_Iterable[_Union[Package, _Mapping]]] = ..., debug: _Optional[_Union[DebugFrames, _Mapping]] = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Output, _Mapping]]] = ..., result: _Optional[_Union[MimeBundle, _Mapping]] = ..., result_pickle: _Optional[bytes] = ..., assigned: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., not_returned: _Optional[_Iterable[_Union[NotReturned, _Mapping]]] = ..., error: _Optional[_Union[RemoteException, _Mapping]] = ..., result_value: _Optional[_Union[Value, _Mapping]] = ..., refused: _Optional[str] = ..., packages: _Optional[_Iterable[_Union[Package, _Mapping]]] = ..., streamed: _Optional[bool] = ..., debug: _Optional[_Union[DebugFrames, _Mapping]] = ...) -> None: ...

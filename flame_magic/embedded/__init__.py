@@ -32,6 +32,9 @@ __all__ = ["EmbeddedFlame"]
 
 _READY_PREFIX = "FLAME_ENDPOINT="
 _STDERR_TAIL = 4000
+# Started in the notebook's directory: files there (grpc.py, yaml.py ...) must not shadow what
+# it imports. Python 3.10 has no -P; its `python -m` still puts the directory first.
+_SAFE_PATH = ["-P"] if sys.version_info >= (3, 11) else []
 
 
 def _package_root() -> str | None:
@@ -110,7 +113,7 @@ class EmbeddedFlame:
             If it exits or is not ready in time; the message ends with its stderr.
         """
         state_dir = tempfile.mkdtemp(prefix="flame-embedded-")
-        cmd = [sys.executable, "-m", "flame_magic.embedded", "--state-dir", state_dir]
+        cmd = [sys.executable, *_SAFE_PATH, "-m", "flame_magic.embedded", "--state-dir", state_dir]
         # Our pid, not its getppid() at some later moment, so that dying early is noticed too.
         cmd += ["--exit-with-parent", "--parent-pid", str(os.getpid())]
         if working_directory is not None:
@@ -165,6 +168,19 @@ class EmbeddedFlame:
     def running(self) -> bool:
         """Whether its process is still alive."""
         return self._process.poll() is None
+
+    def stopped(self, within: float = 0.0) -> bool:
+        """Whether its process has exited, waiting up to ``within`` seconds for it to."""
+        try:
+            self._process.wait(within)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    @property
+    def exit_status(self) -> int | None:
+        """Its process's exit status (negative: the signal that ended it); None while it runs."""
+        return self._process.poll()
 
     def __enter__(self) -> EmbeddedFlame:
         return self

@@ -10,7 +10,7 @@ import shutil
 import signal
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -133,7 +133,9 @@ async def serve(
     protocol.add_FrontendServicer_to_server(FrontendService(manager), server)
     where: Listen | None = None
     bound = False
-    cache = _start_cache(root)
+    orphaned = asyncio.Event()
+    with _private_files():
+        cache = _start_cache(root)
     cache_variables = {}
     if cache is not None:
         manager.cache_endpoint, manager.cache_storage = cache.endpoint, str(cache.storage)
@@ -144,40 +146,64 @@ async def serve(
             raise ValueError("an https:// endpoint needs --tls-cert and --tls-key, and only it takes them")
         if where.unix_path is not None:
             _remove_stale_socket(where.unix_path)
-        if tls is not None:
-            port = server.add_secure_port(where.bind, grpc.ssl_server_credentials([tls]))
-        else:
-            port = server.add_insecure_port(where.bind)
+        with _private_files():
+            if tls is not None:
+                port = server.add_secure_port(where.bind, grpc.ssl_server_credentials([tls]))
+            else:
+                port = server.add_insecure_port(where.bind)
         if not port:
             raise RuntimeError(f"cannot listen on {where.bind}")
         bound = True
         manager.endpoint = where.endpoint.format(port=port)
         manager.register_default_applications()
         await server.start()
+        _make_private(where.unix_path, cache)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, stop.set)
-        watcher = asyncio.create_task(_watch_parent(stop, parent_pid)) if parent_pid else None
+        # Watching on through the shutdown: a parent that dies meanwhile cuts it short.
+        watcher = asyncio.create_task(_watch_parent(stop, parent_pid, orphaned)) if parent_pid else None
         log.info("serving flame.v1.Frontend on %s (state in %s)", manager.endpoint, root)
         on_ready(manager.endpoint, cache_variables)
         await stop.wait()
         log.info("stopping")
+        if not orphaned.is_set():
+            await server.stop(0.2)
+            await manager.shutdown()
         if watcher is not None:
             watcher.cancel()
-        await server.stop(0.2)
-        await manager.shutdown()
     finally:
         executor.kill_all_groups()
         if cache is not None:
             from flame_magic.embedded import cache_server
 
-            cache_server.stop(cache)
+            cache_server.stop(cache, timeout=0.2 if orphaned.is_set() else 2.0)
         if bound and where is not None and where.unix_path is not None:
             with contextlib.suppress(FileNotFoundError):
                 where.unix_path.unlink()
         if not keep_state:
             remove_state(root, owned)
+
+
+@contextlib.contextmanager
+def _private_files() -> Iterator[None]:
+    """Sockets made meanwhile are the user's only (0600) from their creation, like the runners'."""
+    umask = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(umask)
+
+
+def _make_private(frontend: Path | None, cache: CacheServer | None) -> None:
+    """Exactly 0600 on the Frontend and cache sockets, whatever the umask let through."""
+    paths = [frontend] if frontend is not None else []
+    if cache is not None and cache.endpoint.startswith("grpc+unix://"):
+        paths.append(Path(cache.endpoint[len("grpc+unix://") :]))
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(path, 0o600)
 
 
 def _start_cache(state_dir: Path) -> CacheServer | None:
@@ -206,10 +232,13 @@ def _remove_stale_socket(path: Path) -> None:
     raise RuntimeError(f"{path} is in use by another server")
 
 
-async def _watch_parent(stop: asyncio.Event, parent: int) -> None:
+async def _watch_parent(stop: asyncio.Event, parent: int, orphaned: asyncio.Event) -> None:
     # Polling getppid, not PR_SET_PDEATHSIG: the latter fires when the *thread* that started
     # us exits, and a kernel may start us from a short-lived thread.
     while os.getppid() == parent:
         await asyncio.sleep(PARENT_POLL_INTERVAL)
-    log.info("parent process %d is gone", parent)
+    log.info("parent process %d is gone; stopping at once", parent)
+    # Nobody is left to wait for: no goodbyes to the runners, which go now, and we with them.
+    executor.kill_all_groups()
+    orphaned.set()
     stop.set()
