@@ -640,9 +640,7 @@ def test_min_instances_prewarm_and_idle_release(stub: protocol.FrontendStub, tmp
         assert pid_alive(pid)
         wait_for(lambda: not pid_alive(pid), timeout=10)
         assert (markers / f"{pid}.leave").exists()
-        assert not [
-            e for e in stub.ListExecutor(fe.ListExecutorRequest()).executors if e.status.session_id == sid
-        ]
+        wait_for(lambda: not executors_of(stub, sid))  # its release finishes after the process ends
         _, again = run_task(stub, sid, b"pid")
         assert int(again.spec.output) != pid
         stub.CloseSession(fe.CloseSessionRequest(session_id=sid))

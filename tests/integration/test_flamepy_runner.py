@@ -9,12 +9,16 @@ it installs must have been installed offline.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import http.server
 import json
 import os
 import subprocess
 import sys
 import tarfile
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -260,10 +264,10 @@ URL_APP = """
 import json, sys
 import flamepy
 
-name, url, python = sys.argv[1:4]
+name, module, url, python = sys.argv[1:5]
 flamepy.register_application(
     name,
-    {"url": url, "installer": "python", "command": python, "arguments": ["-m", name]},
+    {"url": url, "installer": "python", "command": python, "arguments": ["-m", module]},
 )
 session = flamepy.create_session(name)
 output = json.loads(session.invoke(b"over the url"))
@@ -274,11 +278,35 @@ print(json.dumps({"output": output, "url": app.url, "installer": app.installer})
 """
 
 
-def test_url_application_is_installed_offline(flame: EmbeddedFlame, tmp_path: Path) -> None:
+@contextlib.contextmanager
+def served(directory: Path) -> Iterator[str]:
+    """An http:// server of ``directory`` on loopback, for the test's duration."""
+    handler = functools.partial(_QuietHandler, directory=str(directory))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            yield f"http://127.0.0.1:{server.server_address[1]}"
+        finally:
+            server.shutdown()
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("scheme", ["file", "http"])
+def test_url_application_is_installed_offline(flame: EmbeddedFlame, tmp_path: Path, scheme: str) -> None:
     # Its one dependency is installed here already, so nothing needs the (unreachable) index.
     archive = make_package(tmp_path, "flame_url_echo", ["cloudpickle>=3"])
-    url = archive.as_uri()
-    result = run_flamepy(flame, tmp_path, URL_APP, "flame_url_echo", url, sys.executable)
+    name = f"url-echo-{scheme}"
+    with contextlib.ExitStack() as stack:
+        if scheme == "http":
+            url = f"{stack.enter_context(served(tmp_path))}/{archive.name}"
+        else:
+            url = archive.as_uri()
+        result = run_flamepy(flame, tmp_path, URL_APP, name, "flame_url_echo", url, sys.executable)
     assert result["url"] == url and result["installer"] == "python"
     output = result["output"]
     assert output["input"] == "over the url"
@@ -288,7 +316,7 @@ def test_url_application_is_installed_offline(flame: EmbeddedFlame, tmp_path: Pa
     # The module ran from the installed copy, not from the archive's source.
     assert Path(output["module"]).is_relative_to(deps)
     assert output["python_version"] == f"{sys.version_info.major}.{sys.version_info.minor}"
-    install_log = (Path(flame.state_dir) / "logs" / "install" / "flame_url_echo.log").read_text()
+    install_log = (Path(flame.state_dir) / "logs" / "install" / f"{name}.log").read_text()
     assert "--no-index" in install_log
 
 
