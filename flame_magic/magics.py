@@ -244,7 +244,10 @@ class FlameMagics(Magics):
         try:
             session_id = connection.session(plan.key)
             shared = connection.prepare(request, session_id)
-            payloads = item_payloads(shared, plan.item, plan.items, TASK_INPUT_LIMIT)
+            payloads = [
+                connection.task_input(session_id, payload)
+                for payload in item_payloads(shared, plan.item, plan.items, TASK_INPUT_LIMIT)
+            ]
             client = connection.client()
         except (ShipError, RequestError) as exc:
             raise UsageError(str(exc)) from None
@@ -323,7 +326,8 @@ class FlameMagics(Magics):
         connection = self.connection()
         try:
             session_id = session_id or connection.session(plan.key)
-            task = connection.client().create_task(session_id, connection.prepare(request, session_id))
+            data = connection.task_input(session_id, connection.prepare(request, session_id))
+            task = connection.client().create_task(session_id, data)
         except (ShipError, RequestError) as exc:
             self._close_private(session_id if plan.private else None)
             raise UsageError(str(exc)) from None
@@ -561,11 +565,12 @@ class FlameMagics(Magics):
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        if connection.application == name:
+        if connection.application == name and deploy.would_change(client, name, spec):
             connection.close_sessions()  # Flame updates only an application without open sessions
         done = deploy.deploy(client, name, spec)
         self.application = name
-        connection.use_application(name)
+        if connection.application != name:
+            connection.use_application(name)
         command = " ".join([done.spec.command, *done.spec.arguments])
         where = f", installed from {done.spec.url}" if done.spec.url else ""
         print(
@@ -579,6 +584,8 @@ class FlameMagics(Magics):
         if connection.endpoint:
             self._show_applications(connection)
         print(f"Application: {connection.application}")
+        if connection.endpoint:
+            print(f"Path: {connection.path()}")
         sessions = connection.sessions()
         if not sessions:
             print("Sessions: none yet")
