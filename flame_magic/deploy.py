@@ -44,7 +44,8 @@ STOCK_RUNNER_MODULE = "flamepy.runner.runpy"
 DELAY_RELEASE_SECONDS = 600
 PYTHON_VERSION = codec.PYTHON_VERSION
 # flame-magic's dependencies that only the notebook side needs stay out of the runner's package.
-NOTEBOOK_ONLY = frozenset({"ipykernel", "pyyaml", "cloudpickle"})  # cloudpickle: pinned instead
+# (flamepy, packaging, tomli: the embedded Flame's; cloudpickle: pinned instead.)
+NOTEBOOK_ONLY = frozenset({"ipykernel", "pyyaml", "cloudpickle", "flamepy", "packaging", "tomli"})
 # What the runner imports, when flame-magic's metadata cannot be read (running from a checkout).
 RUNNER_REQUIREMENTS = ("ipython", "grpcio", "protobuf", "pyarrow")
 SOURCE_SUFFIXES = (".py", ".pyi", ".typed")

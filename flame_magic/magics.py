@@ -51,9 +51,12 @@ class RemoteRepr:
 class FlameMagics(Magics):
     """Run cells on a Flame cluster, or on an embedded Flame on this machine."""
 
-    application = Unicode("flmrun", help="The Flame application whose processes run the cells.").tag(
-        config=True
-    )
+    application = Unicode(
+        "",
+        help="The Flame application whose processes run the cells. Empty (the default): automatic, "
+        "flame-magic's runner registered as 'flame-magic' when the Flame has it (the embedded Flame "
+        "does), else 'flmrun'.",
+    ).tag(config=True)
     timeout = Float(0.0, help="Seconds a cell may run on the runner before it is stopped (0: no limit).").tag(
         config=True
     )
@@ -82,7 +85,7 @@ class FlameMagics(Magics):
             except ConfigError as exc:
                 raise UsageError(str(exc)) from None
             self._connection = self._new_connection(target)
-        elif self._connection.application != self.application:
+        elif self._connection.requested != self.application:
             self._connection.use_application(self.application)
         return self._connection
 
@@ -571,6 +574,8 @@ class FlameMagics(Magics):
         self.application = name
         if connection.application != name:
             connection.use_application(name)
+        else:
+            connection.requested = name  # the application in use, now by name: its sessions stay
         command = " ".join([done.spec.command, *done.spec.arguments])
         where = f", installed from {done.spec.url}" if done.spec.url else ""
         print(

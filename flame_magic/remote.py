@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from flame_magic import codec
+from flame_magic import codec, deploy, protocol
 from flame_magic.backends import OWN_RUNNER, Backend, backend_for
 from flame_magic.cache import CacheClient, CacheError, ObjectNotFound, ObjectRef
 from flame_magic.capture import ShipError, check_size
@@ -34,6 +34,9 @@ from flame_magic.protocol import MAX_MESSAGE_BYTES, cell, types
 from flame_magic.sessions import DEFAULT, RequestError, SessionKey, fits
 from flame_magic.stock import PythonMismatch, ensure_python_copy, python_copy_name
 from flame_magic.transfer import Shipper, blobs
+
+#: ``FlameMagics.application`` for "choose": see :func:`automatic_application`.
+AUTOMATIC = ""
 
 if TYPE_CHECKING:
     from flame_magic.embedded import EmbeddedFlame
@@ -119,6 +122,19 @@ class LiveChannel:
                 pass
 
 
+def automatic_application(client: FlameClient) -> str:
+    """The application automatic selection picks on the Flame behind ``client``.
+
+    flame-magic's runner registered under its own name (:data:`deploy.DEFAULT_NAME`, as
+    the embedded Flame and ``%flame deploy`` register it) when the Flame has it, else
+    Flame's default ``flmrun``.
+    """
+    ours = client.get_application(deploy.DEFAULT_NAME)
+    if ours is not None and deploy.is_our_runner(ours.spec):
+        return deploy.DEFAULT_NAME
+    return protocol.FLMRUN
+
+
 class Connection:
     """The Flame this notebook uses, started or reached on first need.
 
@@ -127,14 +143,17 @@ class Connection:
     target
         The cluster to use, or the embedded Flame.
     application
-        The Flame application whose processes run the cells.
+        The Flame application whose processes run the cells; ``""`` (:data:`AUTOMATIC`)
+        picks one when first needed (see :func:`automatic_application`).
     connect_timeout
         Seconds to wait for the session manager before giving up.
     """
 
     def __init__(self, target: Target, application: str, connect_timeout: float) -> None:
         self.target = target
-        self.application = application
+        #: The application asked for: a name, or AUTOMATIC.
+        self.requested = application
+        self._application = application or None
         self.connect_timeout = connect_timeout
         self._lock = threading.RLock()
         self._embedded: EmbeddedFlame | None = None
@@ -155,10 +174,19 @@ class Connection:
         #: Called with a note for the user (the magics print it), e.g. when a session was replaced.
         self.notify: Callable[[str], None] = lambda message: None
 
-    def use_application(self, application: str) -> None:
-        """Run the next cells on another application, in a new session."""
+    @property
+    def application(self) -> str:
+        """The application cells run on: the one asked for, or the automatic choice."""
         with self._lock:
-            self.application = application
+            if self._application is None:
+                self._application = automatic_application(self.client())
+            return self._application
+
+    def use_application(self, application: str) -> None:
+        """Run the next cells on another application (AUTOMATIC: choose again), in a new session."""
+        with self._lock:
+            self.requested = application
+            self._application = application or None
             self._session_id = None
             self._keyed.clear()
 

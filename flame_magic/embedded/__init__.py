@@ -89,7 +89,7 @@ class EmbeddedFlame:
         Parameters
         ----------
         working_directory
-            Working directory of the default ``flmrun`` application (default: ours).
+            Working directory of flame-magic's runner, application ``flame-magic`` (default: ours).
         listen
             ``http://127.0.0.1:PORT`` (0 picks a port), ``https://...`` with ``tls_files``, or
             ``unix:///path``; default a Unix socket in its state directory.

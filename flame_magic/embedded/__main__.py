@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--working-directory",
         metavar="DIR",
         default=os.getcwd(),
-        help="working directory of the default flmrun application (default: the current directory)",
+        help="working directory of flame-magic's runner, application flame-magic "
+        "(default: the current directory)",
     )
     parser.add_argument(
         "--state-dir",

@@ -9,6 +9,11 @@ It keeps each object as Flame's disk storage does, an Arrow IPC file
 under a temporary name and renamed, so a reader never sees half an object and a mapping of
 a replaced or deleted object stays valid.
 
+It stores flamepy's native Arrow tables too (schema metadata ``flame.cache.format =
+arrow-table-v1``, the table's own columns, e.g. a pandas DataFrame): as Flame's cache, it
+keeps such a table as it came, in the same kind of file, and answers a get with the table
+itself, its schema stamped with the object's version (``flame.cache.version``).
+
 The storage directory is shared with the processes it serves (the runners and the
 notebook, same user, same machine): a client may write an object's file itself and tell
 the cache with ``GetFlightInfo``, which adopts the file as the next version of the key,
@@ -45,6 +50,23 @@ STORAGE_DIR = "cache"
 
 _PUT_SCHEMA = pa.schema([("version", pa.uint64()), ("data", pa.binary())])
 _RESPONSE_SCHEMA = pa.schema([("version", pa.uint64()), ("kind", pa.utf8()), ("data", pa.binary())])
+# flamepy's schema metadata for an object that is a native Arrow table.
+FORMAT_KEY = b"flame.cache.format"
+VERSION_KEY = b"flame.cache.version"
+ARROW_TABLE_FORMAT = b"arrow-table-v1"
+
+
+def is_native(schema: pa.Schema) -> bool:
+    """Whether ``schema`` is that of a native Arrow table object (not version/data rows)."""
+    return (schema.metadata or {}).get(FORMAT_KEY) == ARROW_TABLE_FORMAT
+
+
+def _stamped(schema: pa.Schema, version: int) -> pa.Schema:
+    return schema.with_metadata({**(schema.metadata or {}), VERSION_KEY: str(version).encode()})
+
+
+def _with_version(table: pa.Table, version: int) -> pa.Table:
+    return table.replace_schema_metadata(_stamped(table.schema, version).metadata)
 
 
 @dataclass
@@ -56,6 +78,7 @@ class _Object:
     patches: list[int] = field(default_factory=list)  # versions, in order
     identity: tuple[int, int] = (0, 0)  # inode and mtime of the base file we know
     size: int = 0  # bytes of data, base and patches
+    native: bool = False  # the base is a native Arrow table, not opaque bytes
 
 
 class CacheServer(flight.FlightServerBase):  # type: ignore[misc]
@@ -112,12 +135,14 @@ class CacheServer(flight.FlightServerBase):  # type: ignore[misc]
         if known is not None and known.identity == identity:
             return known
         # A file we did not write (or replaced behind our back): the next version of the key.
-        written, size = _file_version_and_size(path)
+        written, size, native = _file_version_and_size(path)
         version = known.version + 1 if known is not None else max(written, 1)
         patches = []
         for delta in _delta_files(path):
             patches.append(_file_version_and_size(delta)[0])
-        adopted = _Object(version=max([version, *patches]), base_version=version, patches=patches)
+        adopted = _Object(
+            version=max([version, *patches]), base_version=version, patches=patches, native=native
+        )
         adopted.identity = identity
         adopted.size = size
         with self._lock:
@@ -144,11 +169,17 @@ class CacheServer(flight.FlightServerBase):  # type: ignore[misc]
             key = descriptor.path[0].decode("utf-8", "replace")
             if len(_valid(key, (2, 3))) == 2:
                 key = f"{key}/{uuid.uuid4()}"
-            version = self._put(key, _read_data(reader))
+            if is_native(reader.schema):
+                version = self._put(key, reader.read_all())
+            else:
+                version = self._put(key, _read_data(reader))
         writer.write(pa.py_buffer(self._reference(key, version)))
 
-    def _put(self, key: str, data: pa.Buffer) -> int:
+    def _put(self, key: str, data: pa.Buffer | pa.Table) -> int:
+        """Store ``data`` (opaque bytes, or a native Arrow table) as the next version of ``key``."""
         path = self._path(key)
+        native = isinstance(data, pa.Table)
+        size = data.nbytes if native else data.size
         with self._key_lock(key):
             known = self._lookup(key)
             version = known.version + 1 if known is not None else 1
@@ -161,9 +192,10 @@ class CacheServer(flight.FlightServerBase):  # type: ignore[misc]
                     version=version,
                     base_version=version,
                     identity=(stat.st_ino, stat.st_mtime_ns),
-                    size=data.size,
+                    size=size,
+                    native=native,
                 )
-        log.debug("put %s (version %d, %d bytes)", key, version, data.size)
+        log.debug("put %s (version %d, %d bytes%s)", key, version, size, ", Arrow table" if native else "")
         return version
 
     def _patch(self, key: str, data: pa.Buffer) -> int:
@@ -201,6 +233,10 @@ class CacheServer(flight.FlightServerBase):  # type: ignore[misc]
             rows: list[tuple[int, str, pa.Buffer]] = []
             if have != 0 and have == known.version:
                 pass  # not modified: the schema and no rows
+            elif known.native:
+                # The table itself, as Flame's cache answers (patches of a table are not sent).
+                table = _file_table(path)
+                return flight.RecordBatchStream(_with_version(table, known.version))
             elif have != 0 and known.base_version <= have < known.version and self._bridges(known, have):
                 rows = [
                     (version, "patch", _file_data(delta))
@@ -225,8 +261,12 @@ class CacheServer(flight.FlightServerBase):  # type: ignore[misc]
 
     def _info(self, key: str, known: _Object) -> flight.FlightInfo:
         endpoint = flight.FlightEndpoint(key.encode(), [flight.Location(self.endpoint)])
+        schema = _RESPONSE_SCHEMA
+        if known.native:
+            with contextlib.suppress(pa.ArrowException, OSError):
+                schema = _stamped(_file_table(self._path(key)).schema, known.version)
         return flight.FlightInfo(
-            _RESPONSE_SCHEMA,
+            schema,
             flight.FlightDescriptor.for_path(key),
             [endpoint],
             total_records=-1,
@@ -346,30 +386,44 @@ def _rows_data(column: pa.Array) -> pa.Buffer:
     return data.slice(first, last - first) if data is not None else pa.py_buffer(b"")
 
 
-def _write_file(path: Path, data: pa.Buffer, version: int) -> None:
-    """Write one object file (one row holding ``data``) under a temporary name, then rename it."""
+def _write_file(path: Path, data: pa.Buffer | pa.Table, version: int) -> None:
+    """Write one object file under a temporary name, then rename it.
+
+    Opaque data is one row holding ``data``; a native Arrow table is written as it is,
+    with the version in its schema.
+    """
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        rows = pa.Array.from_buffers(pa.binary(), 1, [None, _one_row(data.size), data])
-        batch = pa.RecordBatch.from_arrays([pa.array([version], pa.uint64()), rows], schema=_PUT_SCHEMA)
-        with pa.OSFile(str(temporary), "wb") as sink, ipc.new_file(sink, _PUT_SCHEMA) as writer:
-            writer.write_batch(batch)
+        if isinstance(data, pa.Table):
+            table = _with_version(data, version)
+            with pa.OSFile(str(temporary), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+        else:
+            rows = pa.Array.from_buffers(pa.binary(), 1, [None, _one_row(data.size), data])
+            batch = pa.RecordBatch.from_arrays([pa.array([version], pa.uint64()), rows], schema=_PUT_SCHEMA)
+            with pa.OSFile(str(temporary), "wb") as sink, ipc.new_file(sink, _PUT_SCHEMA) as writer:
+                writer.write_batch(batch)
         os.replace(temporary, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
 
 
-def _file_version_and_size(path: Path) -> tuple[int, int]:
-    """The version recorded in an object file's first row, and its data size."""
+def _file_version_and_size(path: Path) -> tuple[int, int, bool]:
+    """The version an object file records, its data size, and whether it is a native table."""
     try:
         with pa.memory_map(str(path)) as source:
-            batch = ipc.open_file(source).get_batch(0)
+            reader = ipc.open_file(source)
+            if is_native(reader.schema):
+                table = reader.read_all()
+                written = (reader.schema.metadata or {}).get(VERSION_KEY, b"0")
+                return (int(written) if written.isdigit() else 0), table.nbytes, True
+            batch = reader.get_batch(0)
             version = int(batch.column(0)[0].as_py() or 0) if batch.num_rows else 0
             size = _rows_data(batch.column(batch.num_columns - 1)).size
     except (pa.ArrowException, IndexError, ValueError) as exc:
         raise ValueError(f"{path.name} is not an object file: {exc}") from None
-    return version, size
+    return version, size, False
 
 
 def _file_data(path: Path) -> pa.Buffer:
@@ -377,6 +431,11 @@ def _file_data(path: Path) -> pa.Buffer:
     source = pa.memory_map(str(path))
     batch = ipc.open_file(source).get_batch(0)
     return _rows_data(batch.column(batch.num_columns - 1))
+
+
+def _file_table(path: Path) -> pa.Table:
+    """A native table object's file, mapped (no copy)."""
+    return ipc.open_file(pa.memory_map(str(path))).read_all()
 
 
 def _delta_files(path: Path) -> list[Path]:

@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 
 from flame_magic import protocol
+from flame_magic.embedded.installer import PATH_VARIABLES, Installer, InstallError
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,11 @@ _CHANNEL_OPTIONS = [
 # Variables the embedded Flame does not provide; inherited values would point the process
 # at some other cluster's cache or CA.
 _NOT_INHERITED = ("FLAME_CACHE_ENDPOINT", "FLAME_CACHE_STORAGE", "FLAME_CA_FILE", "FLAME_INSTANCE_ENDPOINT")
+
+# Flame's bind result codes (the number in the bind-failure event's message).
+BIND_INSTALL_FAILED = 10
+BIND_SHIM_FAILED = 11
+BIND_ENTER_FAILED = 12
 
 _VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 
@@ -112,7 +118,7 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES, max_bytes: int = 16384) ->
 class BindError(Exception):
     """The process could not be bound to the session (start, socket or OnSessionEnter failed)."""
 
-    def __init__(self, message: str, return_code: int = -1) -> None:
+    def __init__(self, message: str, return_code: int = BIND_SHIM_FAILED) -> None:
         super().__init__(message)
         self.message = message
         self.return_code = return_code
@@ -151,6 +157,8 @@ class Instance:
         This Flame's object cache and its storage directory, given to the process as
         ``FLAME_CACHE_ENDPOINT`` (as Flame does) and ``FLAME_CACHE_STORAGE`` (flamepy's
         variable for a storage the process shares), when there is one.
+    installer
+        Installs the application (its ``url``) before the process starts; None: nothing to install.
     """
 
     def __init__(
@@ -165,6 +173,7 @@ class Instance:
         frontend_endpoint: str,
         cache_endpoint: str | None = None,
         cache_storage: str | None = None,
+        installer: Installer | None = None,
     ) -> None:
         self.id = executor_id
         self.app_name = app_name
@@ -174,6 +183,8 @@ class Instance:
         self.frontend_endpoint = frontend_endpoint
         self.cache_endpoint = cache_endpoint
         self.cache_storage = cache_storage
+        self.installer = installer
+        self.installed: dict[str, str] = {}  # what the installation adds to the environment
         self.state: protocol.types.ExecutorState = types.ExecutorBinding
         self.socket_path = state_dir / "sock" / f"{executor_id}.sock"
         self.log_path = state_dir / "logs" / f"{executor_id}.log"
@@ -200,6 +211,12 @@ class Instance:
         env = {k: v for k, v in base.items() if k not in _NOT_INHERITED}
         app_env = {e.name: expand_vars(e.value, base) for e in self.app_spec.environments}
         env.update(app_env)
+        for name, value in self.installed.items():
+            # As Flame: an installation's paths go in front; its other variables yield to the app's.
+            if name in PATH_VARIABLES and env.get(name):
+                env[name] = os.pathsep.join([value, env[name]])
+            elif name not in app_env:
+                env[name] = value
         level = base.get("FLAME_LOG") or base.get("RUST_LOG") or "info"
         env["RUST_LOG"] = base.get("RUST_LOG", level)
         env["FLAME_LOG"] = level
@@ -221,6 +238,19 @@ class Instance:
         return [expand_vars(spec.command, env), *(expand_vars(a, env) for a in spec.arguments)]
 
     async def _spawn(self) -> None:
+        if self.installer is not None:
+            try:
+                self.installed = await self.installer.install(
+                    self.app_name, self.app_spec, self.cache_endpoint, self.cache_storage
+                )
+            except InstallError as err:
+                raise BindError(f"application installation failed: {err}", BIND_INSTALL_FAILED) from None
+        if not self.app_spec.command:
+            # Flame starts the empty command, which fails: the bind fails, and so on each retry.
+            raise BindError(
+                f"shim creation failed: application <{self.app_name}> has no command to start",
+                BIND_SHIM_FAILED,
+            )
         env = self.environment()
         argv = self.command_line(env)
         (self.own_dir / "tmp").mkdir(parents=True, exist_ok=True)
@@ -320,11 +350,12 @@ class Instance:
                 raise  # our own cancellation (session closed), not a death
             if await self._exited_within(2.0):
                 raise BindError(self._died_message("during OnSessionEnter")) from None
-            raise BindError(f"OnSessionEnter failed: {_rpc_error_text(err)}") from None
+            raise BindError(f"OnSessionEnter failed: {_rpc_error_text(err)}", BIND_ENTER_FAILED) from None
         finally:
             self._call = None
         if result.return_code != 0:
-            raise BindError(result.message or "OnSessionEnter failed", result.return_code)
+            detail = result.message or f"return code {result.return_code}"
+            raise BindError(f"on_session_enter failed: {detail}", BIND_ENTER_FAILED)
         self.state = types.ExecutorBound
 
     async def invoke(self, task_id: str, session_id: str, data: bytes | None) -> protocol.types.TaskResult:

@@ -82,7 +82,7 @@ def remove_state(state_dir: Path, owned: bool) -> None:
     if owned:
         shutil.rmtree(state_dir, ignore_errors=True)
         return
-    for name in ("sock", "work", "logs", "cache"):
+    for name in ("sock", "work", "logs", "cache", "apps"):
         shutil.rmtree(state_dir / name, ignore_errors=True)
     for name in (FRONTEND_SOCKET, "cache.sock"):
         with contextlib.suppress(FileNotFoundError):
@@ -109,7 +109,7 @@ async def serve(
         ``http://HOST:PORT`` (port 0 picks a free one) or ``unix:///path``; None for a
         Unix socket in the state directory.
     working_directory
-        Absolute working directory of the default ``flmrun`` application.
+        Absolute working directory of flame-magic's runner (application ``flame-magic``).
     state_dir
         Directory for sockets, logs and per-executor directories; None for a fresh one.
     keep_state

@@ -22,7 +22,6 @@ import platform
 import secrets
 import socket
 import string
-import sys
 import time
 import uuid
 from collections import deque
@@ -34,7 +33,9 @@ from typing import Any, TypeVar
 import grpc
 
 from flame_magic import protocol
+from flame_magic.embedded.apps import default_applications
 from flame_magic.embedded.executor import BindError, Instance, InvokeError
+from flame_magic.embedded.installer import Installer
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,10 @@ REPORTED_MAX_INSTANCES = 1_000_000  # what Flame reports for an application with
 DEFAULT_RESREQ = types.ResourceRequirement(cpu=1, memory=1024**3, gpu=0)
 BIND_RETRY_LIMIT = 5
 BIND_RETRY_DELAY = 0.1  # seconds before launching again after a failed bind
-MAX_CLOSED_SESSIONS = 1000  # closed sessions kept for Get/List before the oldest are dropped
+MAX_CLOSED_SESSIONS = 1000
+# A session event of ours (Flame has no code for it): no executor can run the application.
+EVENT_NO_EXECUTOR = 1101  # closed sessions kept for Get/List before the oldest are dropped
 
-# Flame's runner is kept warm for ten minutes: a notebook user runs a cell, reads the result,
-# edits, and runs the next one; Flame's 60 s default would start a cold process most times.
-FLMRUN_DELAY_RELEASE = 600
 
 _ALNUM = string.ascii_letters + string.digits
 _TERMINAL = protocol.TERMINAL_TASK_STATES
@@ -145,6 +145,7 @@ class SessionRecord:
     instances: list[Instance] = field(default_factory=list)  # binding or bound, not leaving
     bind_failures: int = 0
     paused: bool = False
+    shim_noted: bool = False  # the session event saying no executor has its shim was added
 
     def to_proto(self) -> protocol.types.Session:
         """As a message, with exact per-state task counts and the session events."""
@@ -167,21 +168,13 @@ class SessionRecord:
 
 
 def _validate_application(name: str, spec: protocol.types.ApplicationSpec) -> None:
+    """Flame's checks at registration: a name, an absolute working directory, valid schemas.
+
+    Like Flame 0.6, it accepts applications without a command, with a url, and of any shim:
+    what cannot run is found when a session binds (or, for a shim no executor has, never).
+    """
     if not name:
         raise FlameError(grpc.StatusCode.INVALID_ARGUMENT, "application name is empty")
-    if spec.shim != types.Host:
-        raise FlameError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"application <{name}>: the embedded Flame runs only Host-shim applications",
-        )
-    if not spec.command:
-        raise FlameError(grpc.StatusCode.INVALID_ARGUMENT, f"application <{name}> has no command")
-    if spec.HasField("url"):
-        raise FlameError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"application <{name}>: the embedded Flame cannot install packages from a url; "
-            "install them into this environment and register the application without url",
-        )
     wd = spec.working_directory
     if wd and not os.path.isabs(wd):
         raise FlameError(
@@ -200,11 +193,24 @@ def _validate_application(name: str, spec: protocol.types.ApplicationSpec) -> No
 
 
 def _normalised_session_spec(spec: protocol.types.SessionSpec) -> protocol.types.SessionSpec:
+    """The spec as Flame keeps it: ``batch_size`` at least 1, min/max instances in whole batches."""
     out = types.SessionSpec()
     out.CopyFrom(spec)
-    out.batch_size = 1  # Flame forces it
+    out.batch_size = max(1, spec.batch_size)
     if not out.HasField("resreq"):
         out.resreq.CopyFrom(DEFAULT_RESREQ)
+    batch = out.batch_size
+    if batch > 1:
+        if out.min_instances % batch:
+            raise FlameError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"min_instances ({out.min_instances}) must be 0 or a multiple of batch_size ({batch})",
+            )
+        if out.HasField("max_instances") and out.max_instances % batch:
+            raise FlameError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"max_instances ({out.max_instances}) must be a multiple of batch_size ({batch})",
+            )
     return out
 
 
@@ -219,6 +225,7 @@ def _spec_mismatch(ssn: SessionRecord, spec: protocol.types.SessionSpec) -> str 
         ("resreq", have.resreq, spec.resreq),
         ("min_instances", have.min_instances, spec.min_instances),
         ("max_instances", opt_max(have), opt_max(spec)),
+        ("batch_size", have.batch_size, spec.batch_size),
         ("priority", have.priority, spec.priority),
     ]
     for name, expected, got in checks:
@@ -239,7 +246,7 @@ class SessionManager:
     state_dir
         Private (0700) directory for sockets, logs and per-executor directories.
     working_directory
-        Working directory of the default ``flmrun`` application.
+        Working directory of flame-magic's runner (application ``flame-magic``).
     """
 
     def __init__(self, state_dir: Path, working_directory: str) -> None:
@@ -257,23 +264,19 @@ class SessionManager:
         self._idle_timers: dict[str, asyncio.TimerHandle] = {}
         self._bind_tasks: dict[str, asyncio.Task[None]] = {}
         self._running: dict[str, TaskRecord] = {}  # executor id -> its task
+        self.installer = Installer(state_dir)  # applications with a url, installed on first bind
 
     # -- applications ----------------------------------------------------------------------
 
     def register_default_applications(self) -> None:
-        """Register ``flmrun``, served by flame-magic's runner (``python -m flame_magic_runner``)."""
-        spec = types.ApplicationSpec(
-            shim=types.Host,
-            description=(
-                "flame-magic's runner: evaluates %%flmrun notebook cells (python -m flame_magic_runner), "
-                "served by the embedded Flame"
-            ),
-            command=sys.executable,
-            arguments=["-m", "flame_magic_runner"],
-            working_directory=self.working_directory,
-            delay_release=FLMRUN_DELAY_RELEASE,
-        )
-        self.register_application(protocol.FLMRUN, spec)
+        """Register Flame's defaults (``flmrun``, ``flmexec``, ``flmping``) and flame-magic's runner.
+
+        They run on this Python: ``flmrun`` is flamepy's runner, installed with flame-magic;
+        ``flmexec`` and ``flmping`` are our servers with the task contracts of Flame's; and
+        flame-magic's runner is ``flame-magic``, starting in the notebook's directory.
+        """
+        for name, spec in default_applications(self.working_directory).items():
+            self.register_application(name, spec)
 
     def register_application(self, name: str, spec: protocol.types.ApplicationSpec) -> None:
         """Register a Host-shim application; its working_directory must be absolute."""
@@ -282,6 +285,13 @@ class SessionManager:
             raise FlameError(grpc.StatusCode.ALREADY_EXISTS, f"application <{name}> already exists")
         self.applications[name] = ApplicationRecord(name=name, spec=spec)
         log.info("registered application %s: %s %s", name, spec.command, list(spec.arguments))
+        if spec.shim != types.Host:
+            log.warning(
+                "application %s asks for the %s shim: the embedded Flame has only Host executors, "
+                "so the tasks of its sessions stay pending",
+                name,
+                types.Shim.Name(spec.shim),
+            )
 
     def _open_sessions_of(self, name: str) -> int:
         return sum(1 for s in self.sessions.values() if s.spec.application == name and s.state == types.Open)
@@ -302,6 +312,7 @@ class SessionManager:
                 f"{count} open sessions in the application <{name}>; close them first",
             )
         del self.applications[name]
+        self.installer.forget(name)
         # As Flame does, the application's closed sessions go with it.
         for sid in [s.id for s in self.sessions.values() if s.spec.application == name]:
             del self.sessions[sid]
@@ -318,6 +329,7 @@ class SessionManager:
                 f"{count} open sessions in the application <{name}>; close them first",
             )
         app.spec = spec
+        self.installer.forget(name)
 
     # -- sessions --------------------------------------------------------------------------
 
@@ -464,20 +476,28 @@ class SessionManager:
         return os.cpu_count() or 1
 
     def _schedule(self, ssn: SessionRecord) -> None:
-        """Give pending tasks to idle instances, then start the instances still needed."""
-        if ssn.state != types.Open or self.stopping:
+        """Give pending tasks to idle instances, then start the instances still needed.
+
+        As Flame's gang scheduling, instances come in whole batches of ``batch_size``: a
+        session wants ``(pending + running) // batch_size`` batches (at least its
+        ``min_instances``), and its instances take tasks only while they are bound in whole
+        batches. A single task of a session with ``batch_size`` 2 waits for a second one.
+        """
+        if ssn.state != types.Open or self.stopping or not self._runnable(ssn):
             return
-        if ssn.pending:
-            for inst in ssn.instances:
-                if inst.state == types.ExecutorBound and inst.id not in self._running:
+        batch = ssn.spec.batch_size
+        bound = [i for i in ssn.instances if i.state == types.ExecutorBound]
+        if ssn.pending and len(bound) % batch == 0:
+            for inst in bound:
+                if inst.id not in self._running:
                     self._start_task(ssn, inst, ssn.pending.popleft())
                     if not ssn.pending:
                         break
         if not ssn.paused:
-            binding = sum(1 for i in ssn.instances if i.state == types.ExecutorBinding)
-            wanted = max(len(ssn.pending) - binding, ssn.spec.min_instances - len(ssn.instances))
-            room = self._instance_limit(ssn) - len(ssn.instances)
-            for _ in range(min(wanted, room)):
+            running = sum(1 for i in ssn.instances if i.id in self._running)
+            wanted = max(ssn.spec.min_instances, (len(ssn.pending) + running) // batch * batch)
+            room = self._instance_limit(ssn) // batch * batch
+            for _ in range(min(wanted, room) - len(ssn.instances)):
                 self._launch(ssn)
         if len(ssn.instances) > ssn.spec.min_instances:
             for inst in ssn.instances:
@@ -487,6 +507,26 @@ class SessionManager:
                     and inst.id not in self._idle_timers
                 ):
                     self._arm_idle_timer(ssn, inst)
+
+    def _runnable(self, ssn: SessionRecord) -> bool:
+        """Whether this Flame's executors can run the session's application (Host shim only).
+
+        Flame leaves the tasks of a shim no executor has pending; so does this, and says
+        why once, as a session event.
+        """
+        app = self.applications.get(ssn.spec.application)
+        if app is None or app.spec.shim == types.Host:
+            return True
+        if not ssn.shim_noted:
+            ssn.shim_noted = True
+            message = (
+                f"No executor for the {types.Shim.Name(app.spec.shim)} shim of application "
+                f"<{app.name}>: the embedded Flame runs Host-shim applications only, so the tasks "
+                "of this session stay pending."
+            )
+            log.warning("session %s: %s", ssn.id, message)
+            ssn.events.append(_event(EVENT_NO_EXECUTOR, message))
+        return False
 
     def _arm_idle_timer(self, ssn: SessionRecord, inst: Instance) -> None:
         app = self.applications.get(ssn.spec.application)
@@ -555,6 +595,7 @@ class SessionManager:
             frontend_endpoint=self.endpoint,
             cache_endpoint=self.cache_endpoint,
             cache_storage=self.cache_storage,
+            installer=self.installer,
         )
         ssn.instances.append(inst)
         self.executors[inst.id] = inst

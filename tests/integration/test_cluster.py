@@ -107,15 +107,16 @@ def test_connect_to_an_endpoint_runs_cells_there_and_status_shows_them(run, magi
     connected = run(f"%flame connect {cluster.endpoint}")
     assert connected.error is None, connected.error
     assert f"Connected to Flame at {cluster.endpoint} [%flame connect]" in connected.stdout
-    assert "Applications: flmrun (flame-magic's runner)" in connected.stdout
+    assert "flame-magic (flame-magic's runner)" in connected.stdout
 
     ran = run("%%flmrun\nimport os\nos.environ['FLAME_ENDPOINT']")
     assert ran.value == cluster.endpoint  # the runner was started by that Flame
 
     status = run("%flame status").stdout
     assert f"Flame: {cluster.endpoint} [%flame connect]" in status
-    assert "Applications: flmrun (flame-magic's runner)" in status
-    match = re.search(r"Session (flmrun-\w{6}) \(flmrun, Open\): 0 pending, 0 running, 1 succeeded", status)
+    assert "flame-magic (flame-magic's runner)" in status and "Application: flame-magic" in status
+    pattern = r"Session (flame-magic-\w{6}) \(flame-magic, Open\): 0 pending, 0 running, 1 succeeded"
+    match = re.search(pattern, status)
     assert match, status
     assert admin.get_session(match.group(1)).status.succeed == 1  # the cluster agrees
 
@@ -280,25 +281,14 @@ def test_unreachable_or_wrong_endpoints_fail_within_seconds_naming_them(run, mag
 # -- choosing and deploying the runner -----------------------------------------------------
 
 
-def stock_flmrun() -> protocol.types.ApplicationSpec:
-    """Flame's default flmrun: flamepy's runner (config/applications/flmrun.yaml in Flame)."""
-    return types.ApplicationSpec(
-        shim=types.Host,
-        description="The Flame Runner application for executing customized Python applications.",
-        command=sys.executable,
-        arguments=["-m", "flamepy.runner.runpy"],
-        installer="python",
-    )
-
-
 def test_stock_flmrun_runs_cells_with_a_cache_and_deploy_switches_to_our_runner(
     run, magics, tmp_path, monkeypatch
 ):
     monkeypatch.delenv("FLAME_CACHE_ENDPOINT", raising=False)
     with EmbeddedFlame.start(working_directory=str(tmp_path), listen="http://127.0.0.1:0") as flame:
+        # A Flame as it comes: its flmrun is flamepy's runner, and flame-magic's is not there.
         admin = FlameClient(flame.endpoint)
-        admin.unregister_application("flmrun")
-        admin.register_application("flmrun", stock_flmrun())
+        admin.unregister_application("flame-magic")
 
         connected = run(f"%flame connect {flame.endpoint}")
         assert "flmrun (Flame's flmrun: flamepy's runner)" in connected.stdout, connected.stdout

@@ -25,8 +25,9 @@ from typing import Any
 import grpc
 import pytest
 
-from flame_magic import protocol
+from flame_magic import deploy, protocol
 from flame_magic.embedded import EmbeddedFlame
+from flame_magic.embedded.session_manager import EVENT_NO_EXECUTOR
 
 types = protocol.types
 fe = protocol.frontend
@@ -162,16 +163,28 @@ def open_session(stub: protocol.FrontendStub, app: str, sid: str = "", **kw: Any
 # -- applications --------------------------------------------------------------------------
 
 
-def test_default_flmrun_application(stub: protocol.FrontendStub, flame: EmbeddedFlame) -> None:
-    app = stub.GetApplication(fe.GetApplicationRequest(name=protocol.FLMRUN))
-    assert app.metadata.name == protocol.FLMRUN
-    assert app.status.state == types.Enabled and app.status.creation_time > 0
-    assert app.spec.shim == types.Host
-    assert app.spec.command == sys.executable
-    assert list(app.spec.arguments) == ["-m", "flame_magic_runner"]
-    assert app.spec.delay_release == 600
-    assert "flame-magic" in app.spec.description
-    assert os.path.isabs(app.spec.working_directory) and "flmrun-cwd" in app.spec.working_directory
+def test_default_applications(stub: protocol.FrontendStub, flame: EmbeddedFlame) -> None:
+    """Flame's three defaults, as Flame registers them, and flame-magic's runner under its own name."""
+    names = [a.metadata.name for a in stub.ListApplication(fe.ListApplicationRequest()).applications]
+    assert {protocol.FLMRUN, "flmexec", "flmping", deploy.DEFAULT_NAME} <= set(names)
+
+    flmrun = stub.GetApplication(fe.GetApplicationRequest(name=protocol.FLMRUN))
+    assert flmrun.status.state == types.Enabled and flmrun.status.creation_time > 0
+    assert flmrun.spec.command == sys.executable
+    assert list(flmrun.spec.arguments) == ["-m", "flamepy.runner.runpy"]
+    assert flmrun.spec.installer == "python" and not flmrun.spec.HasField("url")
+    assert not flmrun.spec.working_directory  # a directory per executor, as on Flame
+    assert deploy.is_stock_runner(flmrun.spec) and not deploy.is_our_runner(flmrun.spec)
+
+    ours = stub.GetApplication(fe.GetApplicationRequest(name=deploy.DEFAULT_NAME))
+    assert ours.spec.shim == types.Host and deploy.is_our_runner(ours.spec)
+    assert ours.spec.command == sys.executable
+    assert list(ours.spec.arguments) == ["-m", "flame_magic_runner"]
+    assert ours.spec.delay_release == 600
+    assert os.path.isabs(ours.spec.working_directory) and "flmrun-cwd" in ours.spec.working_directory
+
+    flmexec = stub.GetApplication(fe.GetApplicationRequest(name="flmexec"))
+    assert json.loads(flmexec.spec.schema.input)["required"] == ["language", "code"]
 
 
 def test_application_lifecycle_and_errors(stub: protocol.FrontendStub, tmp_path: Path) -> None:
@@ -197,11 +210,6 @@ def test_application_lifecycle_and_errors(stub: protocol.FrontendStub, tmp_path:
         lambda: stub.RegisterApplication(fe.RegisterApplicationRequest(name="x", application=relative))
     )
     assert bad.code() == CODE.INVALID_ARGUMENT and "absolute" in bad.details()
-    nocmd = types.ApplicationSpec(shim=types.Host)
-    bad = rpc_error(
-        lambda: stub.RegisterApplication(fe.RegisterApplicationRequest(name="x", application=nocmd))
-    )
-    assert bad.code() == CODE.INVALID_ARGUMENT
     missing = rpc_error(lambda: stub.GetApplication(fe.GetApplicationRequest(name="no-such-app")))
     assert missing.code() == CODE.NOT_FOUND and "no-such-app" in missing.details()
 
@@ -270,6 +278,7 @@ def test_session_lifecycle_and_errors(stub: protocol.FrontendStub, echo_app: str
         session_spec(echo_app, priority=3),
         session_spec(echo_app, resreq=types.ResourceRequirement(cpu=2, memory=1024**3)),
         session_spec(protocol.FLMRUN),
+        session_spec(echo_app, batch_size=2),
     ):
         request = fe.OpenSessionRequest(session_id=sid, session=spec)
         err = rpc_error(functools.partial(stub.OpenSession, request))
@@ -397,7 +406,7 @@ def test_bind_failure_pauses_session_and_tasks_stay_pending(
     events = wait_for(paused, timeout=30)
     codes = [e.code for e in events]
     assert codes == [protocol.EVENT_BIND_FAILED] * 5 + [protocol.EVENT_SESSION_PAUSED]
-    assert "echo_app refuses" in events[0].message and "return_code <7>" in events[0].message
+    assert "echo_app refuses" in events[0].message and "return_code <12>" in events[0].message
     time.sleep(0.3)  # nothing more is tried, and the task is not failed for the client
     assert len(stub.GetSession(fe.GetSessionRequest(session_id=sid)).status.events) == 6
     got = stub.GetTask(fe.GetTaskRequest(session_id=sid, task_id=task.metadata.id))
@@ -405,6 +414,81 @@ def test_bind_failure_pauses_session_and_tasks_stay_pending(
     assert not [
         e for e in stub.ListExecutor(fe.ListExecutorRequest()).executors if e.status.session_id == sid
     ]
+
+
+def executors_of(stub: protocol.FrontendStub, sid: str) -> list[protocol.types.Executor]:
+    """The executors (application processes) of a session."""
+    return [e for e in stub.ListExecutor(fe.ListExecutorRequest()).executors if e.status.session_id == sid]
+
+
+def test_batch_session_starts_tasks_in_full_batches(stub: protocol.FrontendStub, echo_app: str) -> None:
+    sid = open_session(stub, echo_app, batch_size=2)
+    assert stub.GetSession(fe.GetSessionRequest(session_id=sid)).spec.batch_size == 2
+    first = stub.CreateTask(fe.CreateTaskRequest(task=types.TaskSpec(session_id=sid, input=b"env")))
+    # A lone task of a batch of two waits, as on Flame: no executor is even started for it.
+    assert first.status.state == types.Pending and executors_of(stub, sid) == []
+    second = stub.CreateTask(fe.CreateTaskRequest(task=types.TaskSpec(session_id=sid, input=b"env")))
+    ends = [watch(stub, sid, t.metadata.id)[-1] for t in (first, second)]
+    assert [t.status.state for t in ends] == [types.Succeed, types.Succeed]
+    pids = {task_json(t)["pid"] for t in ends}
+    assert len(pids) == 2  # the two tasks ran at once, on the batch's two instances
+
+    mismatch = rpc_error(
+        lambda: stub.OpenSession(fe.OpenSessionRequest(session_id=sid, session=session_spec(echo_app)))
+    )
+    assert mismatch.code() == CODE.INVALID_ARGUMENT and "batch_size differs" in mismatch.details()
+    unaligned = rpc_error(lambda: open_session(stub, echo_app, batch_size=2, min_instances=1))
+    assert unaligned.code() == CODE.INVALID_ARGUMENT and "multiple of batch_size (2)" in unaligned.details()
+    stub.CloseSession(fe.CloseSessionRequest(session_id=sid))
+
+
+def test_application_without_command_registers_and_fails_to_bind(stub: protocol.FrontendStub) -> None:
+    """As Flame 0.6: registered, listed, and each bind fails (shim creation) until the pause."""
+    name = "no-command"
+    spec = types.ApplicationSpec(shim=types.Host, description="nothing to start")
+    assert (
+        stub.RegisterApplication(fe.RegisterApplicationRequest(name=name, application=spec)).return_code == 0
+    )
+    try:
+        sid = open_session(stub, name)
+        task = stub.CreateTask(fe.CreateTaskRequest(task=types.TaskSpec(session_id=sid, input=b"x")))
+
+        def paused() -> list[protocol.types.Event] | None:
+            events = list(stub.GetSession(fe.GetSessionRequest(session_id=sid)).status.events)
+            return events if any(e.code == protocol.EVENT_SESSION_PAUSED for e in events) else None
+
+        events = wait_for(paused, timeout=30)
+        assert [e.code for e in events] == [protocol.EVENT_BIND_FAILED] * 5 + [protocol.EVENT_SESSION_PAUSED]
+        assert "return_code <11>" in events[0].message and "has no command" in events[0].message
+        got = stub.GetTask(fe.GetTaskRequest(session_id=sid, task_id=task.metadata.id))
+        assert got.status.state == types.Pending
+        stub.CloseSession(fe.CloseSessionRequest(session_id=sid))
+    finally:
+        stub.UnregisterApplication(fe.UnregisterApplicationRequest(name=name))
+
+
+def test_wasm_application_registers_and_its_tasks_stay_pending(
+    stub: protocol.FrontendStub, tmp_path: Path
+) -> None:
+    name = "wasm-app"
+    spec = echo_spec(tmp_path, shim=types.Wasm)
+    assert (
+        stub.RegisterApplication(fe.RegisterApplicationRequest(name=name, application=spec)).return_code == 0
+    )
+    try:
+        assert stub.GetApplication(fe.GetApplicationRequest(name=name)).spec.shim == types.Wasm
+        sid = open_session(stub, name, min_instances=1)
+        task = stub.CreateTask(fe.CreateTaskRequest(task=types.TaskSpec(session_id=sid, input=b"x")))
+        ssn = stub.GetSession(fe.GetSessionRequest(session_id=sid))
+        assert ssn.status.pending == 1 and executors_of(stub, sid) == []
+        (event,) = ssn.status.events
+        assert event.code == EVENT_NO_EXECUTOR and "Wasm shim" in event.message and "pending" in event.message
+        got = stub.GetTask(fe.GetTaskRequest(session_id=sid, task_id=task.metadata.id))
+        assert got.status.state == types.Pending
+        closed = stub.CloseSession(fe.CloseSessionRequest(session_id=sid))
+        assert closed.status.cancelled == 1
+    finally:
+        stub.UnregisterApplication(fe.UnregisterApplicationRequest(name=name))
 
 
 def test_bind_failure_when_command_cannot_start(stub: protocol.FrontendStub, tmp_path: Path) -> None:
@@ -556,9 +640,7 @@ def test_min_instances_prewarm_and_idle_release(stub: protocol.FrontendStub, tmp
         assert pid_alive(pid)
         wait_for(lambda: not pid_alive(pid), timeout=10)
         assert (markers / f"{pid}.leave").exists()
-        assert not [
-            e for e in stub.ListExecutor(fe.ListExecutorRequest()).executors if e.status.session_id == sid
-        ]
+        wait_for(lambda: not executors_of(stub, sid))  # its release finishes after the process ends
         _, again = run_task(stub, sid, b"pid")
         assert int(again.spec.output) != pid
         stub.CloseSession(fe.CloseSessionRequest(session_id=sid))
@@ -777,7 +859,7 @@ def test_cli_on_tcp_loopback(tmp_path: Path) -> None:
         assert port > 0
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = protocol.FrontendStub(channel)
-            app = stub.GetApplication(fe.GetApplicationRequest(name=protocol.FLMRUN))
+            app = stub.GetApplication(fe.GetApplicationRequest(name=deploy.DEFAULT_NAME))
             assert app.spec.working_directory == str(tmp_path)  # default: its cwd
             stub.RegisterApplication(
                 fe.RegisterApplicationRequest(name="echo", application=echo_spec(tmp_path))
@@ -861,7 +943,7 @@ def test_flamepy_client(tmp_path: Path) -> None:
         result = json.loads(done.stdout)
     finally:
         flame.stop()
-    assert {"flmrun", "echo-flamepy"} <= set(result["apps"])
+    assert {"flmrun", "flmexec", "flmping", "echo-flamepy"} <= set(result["apps"])
     assert result["session_id"].startswith("echo-flamepy-")
     assert result["output"] == "hello from flamepy"
     # Flame's contract (and ours): no events in WatchTask, so flamepy's future reports no

@@ -192,7 +192,7 @@ def test_named_session_keeps_its_runner_and_imports_and_shows_in_status(run, she
     mapped = run("%%flmrun --session keep --map x=xs\n(str(fractions.Fraction(1, x)), os.getpid())")
     assert mapped.value == [("1", first.value), ("1/2", first.value)]  # its one runner, its imports
     status = run("%flame status").stdout
-    assert re.search(r"Session flmrun-keep-\w+ \[named 'keep'\] \(flmrun, Open\)", status)
+    assert re.search(r"Session flame-magic-keep-\w+ \[named 'keep'\] \(flame-magic, Open\)", status)
     mismatch = run("%%flmrun --session keep --cpu 1\n1")
     assert isinstance(mismatch.error, UsageError) and "%flame close keep" in str(mismatch.error)
     assert "Closed session 'keep'" in run("%flame close keep").stdout

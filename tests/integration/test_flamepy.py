@@ -5,7 +5,7 @@ Three pairings against the embedded Flame, started as its own process on TCP loo
 (a) flamepy's client and a flamepy service (``apps/flamepy_service.py``, flamepy's
     ``FlameService`` base class), the service launched by our executor side;
 (b) our client (:class:`flame_magic.client.FlameClient`) and the same flamepy service;
-(c) flamepy's client and our runner (the embedded Flame's ``flmrun``).
+(c) flamepy's client and our runner (the embedded Flame's ``flame-magic``).
 
 flamepy runs in separate processes: its generated protobuf modules register the same
 ``flame.v1`` names as ours in protobuf's global pool, and both cannot load in one process.
@@ -214,7 +214,7 @@ FLAMEPY_AND_OUR_RUNNER = (
     + """
     payloads = json.load(open(sys.argv[1]))
     hello, good, bad, stale = (base64.b64decode(payloads[k]) for k in ("hello", "good", "bad", "stale"))
-    session = flamepy.create_session("flmrun", common_data=hello)
+    session = flamepy.create_session("flame-magic", common_data=hello)
     output = session.invoke(good)
     try:
         session.invoke(bad)
@@ -224,7 +224,7 @@ FLAMEPY_AND_OUR_RUNNER = (
     failed = session.get_task("2")
     session.close()
 
-    mismatched = flamepy.create_session("flmrun", common_data=stale)
+    mismatched = flamepy.create_session("flame-magic", common_data=stale)
     mismatched.create_task(good)
     events = events_of(mismatched.id, 1001)
     mismatched.close()
