@@ -171,6 +171,7 @@ class Connection:
         self._backends: dict[str, Backend] = {}
         self._applications: dict[str, str] = {}
         self._python_copies: dict[str, str] = {}  # configured application -> its copy in use
+        self._lost: dict[SessionKey, str] = {}  # sessions whose runner stopped, by what they were for
         #: Called with a note for the user (the magics print it), e.g. when a session was replaced.
         self.notify: Callable[[str], None] = lambda message: None
 
@@ -283,10 +284,30 @@ class Connection:
             if key == DEFAULT:
                 if self._session_id is None:
                     self._session_id = self.open_session(key)
+                    self._say_lost(key, self._session_id)
                 return self._session_id
             if key not in self._keyed:
                 self._keyed[key] = self.open_session(key)
+                self._say_lost(key, self._keyed[key])
             return self._keyed[key]
+
+    def _lose(self, session_id: str) -> None:
+        """Stop reusing a session whose runner stopped; the next cell for it says what was lost."""
+        with self._lock:
+            keys = [k for k, v in self._keyed.items() if v == session_id]
+            if self._session_id == session_id:
+                keys.append(DEFAULT)
+            for key in keys:
+                self._lost[key] = session_id
+        self.forget(session_id)
+
+    def _say_lost(self, key: SessionKey, session_id: str) -> None:
+        gone = self._lost.pop(key, None)
+        if gone is not None:
+            self.notify(
+                f"The runner of session {gone} stopped; this cell runs in a new session, {session_id}: "
+                "what earlier cells left on the runner (imports, definitions) is gone."
+            )
 
     def open_session(self, key: SessionKey) -> str:
         """Open a new Flame session as ``key`` describes (not remembered for reuse: see :meth:`session`).
@@ -503,7 +524,7 @@ class Connection:
             live.finish()  # the last of the output
         if live.interrupted and task.status.state != types.Succeed and not task.spec.output:
             if self.backend(session_id) is not OWN_RUNNER:
-                self.forget(session_id)  # Flame does not start a new runner for a broken session
+                self._lose(session_id)  # Flame does not start a new runner for a broken session
             raise CellFailed(
                 f"Interrupted: the cell ignored the interrupt for {grace:g} s, so its runner was "
                 "stopped; what it held (imports, definitions) is gone: the next cell starts on a "
@@ -562,7 +583,7 @@ class Connection:
             )
         message = failure_message(task) or "no message"
         if backend is not OWN_RUNNER:
-            self.forget(session_id)  # its runner may be gone, and Flame does not start another
+            self._lose(session_id)  # its runner may be gone, and Flame does not start another
             raise CellFailed(
                 f"Flame could not run the cell: {message}. If the runner process stopped (a cell that "
                 "ignores its timeout or an interrupt is stopped so), what it held (imports, "
