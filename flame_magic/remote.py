@@ -340,7 +340,11 @@ class Connection:
             self._applications[session_id] = name
         if backend is not OWN_RUNNER:
             self._shipper_for(session_id)  # its objects (the evaluator, results) go when it closes
-        client.open_session(session_id, key.spec(name, backend.common_data(name, session_id)))
+        try:
+            client.open_session(session_id, key.spec(name, backend.common_data(name, session_id)))
+        except FlameError:
+            self._delete_objects(session_id)  # the evaluator stored for it, on flmrun
+            raise
         with self._lock:
             self.session_ids.append(session_id)
             if key.label():
