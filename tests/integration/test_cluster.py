@@ -344,7 +344,8 @@ def test_stock_flmrun_runs_cells_with_a_cache_and_deploy_switches_to_our_runner(
         admin.close_session(elsewhere)
         updated = run(f"%flame deploy --installed --python {other}")
         assert "Application 'flame-magic' updated" in updated.stdout, updated.error
-        assert run("%%flmrun\nimport sys\nsys.executable").value == str(other)
+        moved = run("%%flmrun\nimport sys\nsys.executable")
+        assert moved.value == str(other), (moved.error, moved.stdout, moved.stderr)
         admin.close()
 
 
