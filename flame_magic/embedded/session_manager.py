@@ -468,12 +468,20 @@ class SessionManager:
     # -- scheduling ------------------------------------------------------------------------
 
     def _instance_limit(self, ssn: SessionRecord) -> int:
+        """How many instances the session may have: its own max_instances, when it asks.
+
+        Otherwise as many as this node holds (its CPUs over the session's ``resreq.cpu``),
+        as Flame places executors by node capacity, and at most the application's
+        ``max_instances``: a copy of a reported application (flamepy's ``Runner`` copies
+        ``flmrun``) carries Flame's "no limit" of a million.
+        """
         if ssn.spec.HasField("max_instances"):
             return ssn.spec.max_instances
+        slots = max(1, (os.cpu_count() or 1) // max(1, ssn.spec.resreq.cpu))
         app = self.applications.get(ssn.spec.application)
         if app is not None and app.spec.HasField("max_instances"):
-            return app.spec.max_instances
-        return os.cpu_count() or 1
+            return min(app.spec.max_instances, slots)
+        return slots
 
     def _schedule(self, ssn: SessionRecord) -> None:
         """Give pending tasks to idle instances, then start the instances still needed.

@@ -442,6 +442,29 @@ def test_batch_session_starts_tasks_in_full_batches(stub: protocol.FrontendStub,
     stub.CloseSession(fe.CloseSessionRequest(session_id=sid))
 
 
+def test_instances_are_bounded_by_the_node_when_the_session_sets_no_limit(
+    stub: protocol.FrontendStub, tmp_path: Path
+) -> None:
+    """As Flame places executors by node capacity: an application's "no limit" (a million, as
+    a copy of a reported application says) starts no more instances than the CPUs hold."""
+    name = "echo-unbounded"
+    spec = echo_spec(tmp_path, max_instances=1_000_000)
+    stub.RegisterApplication(fe.RegisterApplicationRequest(name=name, application=spec))
+    try:
+        whole_node = types.ResourceRequirement(cpu=os.cpu_count() or 1, memory=1024**3)
+        sid = open_session(stub, name, resreq=whole_node)
+        tasks = [
+            stub.CreateTask(fe.CreateTaskRequest(task=types.TaskSpec(session_id=sid, input=b"pid")))
+            for _ in range(3)
+        ]
+        assert len(executors_of(stub, sid)) == 1  # one instance holds the node's CPUs
+        pids = {int(watch(stub, sid, t.metadata.id)[-1].spec.output) for t in tasks}
+        assert len(pids) == 1  # the three tasks took turns on it
+        stub.CloseSession(fe.CloseSessionRequest(session_id=sid))
+    finally:
+        wait_for(lambda: _try_unregister(stub, name))
+
+
 def test_application_without_command_registers_and_fails_to_bind(stub: protocol.FrontendStub) -> None:
     """As Flame 0.6: registered, listed, and each bind fails (shim creation) until the pause."""
     name = "no-command"

@@ -60,7 +60,6 @@ def default_applications(working_directory: str) -> dict[str, protocol.types.App
         directory per executor, as on Flame.
     """
     python = sys.executable
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
     return {
         protocol.FLMRUN: types.ApplicationSpec(
             shim=types.Host,
@@ -68,8 +67,7 @@ def default_applications(working_directory: str) -> dict[str, protocol.types.App
             "(flamepy's runner, on the embedded Flame's Python).",
             command=python,
             arguments=["-m", FLMRUN_MODULE],
-            installer="python",
-            environments=[types.Environment(name="FLAME_PYTHON_VERSION", value=version)],
+            installer="python",  # sets FLAME_PYTHON_VERSION to this Python's, as Flame's installer
         ),
         "flmexec": types.ApplicationSpec(
             shim=types.Host,
