@@ -68,7 +68,7 @@ def remote_maxrss() -> int:
 # -- contenders, each run in its own process -------------------------------------------------
 
 
-def run_flmrun(size: int, repeat: int, warmup: int) -> dict[str, Any]:
+def run_flmrun(size: int, repeat: int, warmup: int, application: str = "") -> dict[str, Any]:
     import numpy as np
     from IPython.core.interactiveshell import InteractiveShell
 
@@ -77,6 +77,8 @@ def run_flmrun(size: int, repeat: int, warmup: int) -> dict[str, Any]:
         os.environ.pop(name, None)
     shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "flame_magic")
+    if application:  # else automatic: flame-magic's runner, which the embedded Flame registers
+        shell.run_line_magic("config", f"FlameMagics.application = {application!r}")
 
     def cell(source: str) -> Any:
         line, body = source.split("\n", 1)
@@ -189,7 +191,12 @@ def run_dask(size: int, repeat: int, warmup: int) -> dict[str, Any]:
     }
 
 
-CONTENDERS = {"flmrun": run_flmrun, "ipyparallel": run_ipyparallel, "dask": run_dask}
+def run_stock(size: int, repeat: int, warmup: int) -> dict[str, Any]:
+    """The same cells on Flame's stock flmrun (flamepy's runner, the embedded Flame's flmrun)."""
+    return run_flmrun(size, repeat, warmup, application="flmrun")
+
+
+CONTENDERS = {"flmrun": run_flmrun, "stock": run_stock, "ipyparallel": run_ipyparallel, "dask": run_dask}
 
 
 def measure(name: str, size: int, repeat: int, warmup: int) -> dict[str, Any]:
@@ -224,6 +231,7 @@ def main() -> int:
     print(f"{args.size_mb} MB float64 array, median of {args.repeat} runs after {args.warmup} warm-up runs")
     labels = {
         "flmrun": ("%%flmrun cell reads it", "%%flmrun cell returns it"),
+        "stock": ("  same, on Flame's flmrun", "  same, on Flame's flmrun"),
         "ipyparallel": ("ipyparallel push", "ipyparallel pull"),
         "dask": ("Dask scatter", "Dask gather"),
     }
@@ -239,6 +247,9 @@ def main() -> int:
         print(f"  target >= 1 GB/s and ahead of both: {'met' if ok else 'MISSED'}")
     print(f"%%flmrun, the same array again (deduplicated: no upload)   {ours['dedupe'] * 1000:6.1f} ms")
     print(f"%%flmrun, a trivial cell for comparison                   {ours['trivial'] * 1000:6.1f} ms")
+    stock = results["stock"]
+    again, trivial = stock["dedupe"] * 1000, stock["trivial"] * 1000
+    print(f"  the same on Flame's flmrun: again {again:6.1f} ms, trivial {trivial:6.1f} ms")
     print("peak memory over the run, as a multiple of the payload (target <= 3):")
     for name, result in results.items():
         local, remote = result["local_peak"] / size, result["remote_peak"] / size

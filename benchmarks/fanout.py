@@ -40,7 +40,7 @@ def median_rate(items: int, repeat: int, run: Callable[[], object]) -> tuple[flo
     return statistics.median(rates), rates
 
 
-def flmrun_rate(items: int, repeat: int) -> tuple[float, list[float]]:
+def flmrun_rate(items: int, repeat: int, application: str = "") -> tuple[float, list[float]]:
     from IPython.core.interactiveshell import InteractiveShell
     from traitlets.config import Config
 
@@ -52,6 +52,8 @@ def flmrun_rate(items: int, repeat: int) -> tuple[float, list[float]]:
         os.environ.pop("FLAME_ENDPOINT", None)
         shell = InteractiveShell.instance(config=config)
         shell.run_line_magic("load_ext", "flame_magic")
+        if application:  # else automatic: flame-magic's runner
+            shell.run_line_magic("config", f"FlameMagics.application = {application!r}")
         shell.user_ns["xs"] = list(range(items))
 
         def run() -> None:
@@ -113,12 +115,14 @@ def main() -> int:
     args = parser.parse_args()
 
     flmrun, flmrun_runs = flmrun_rate(args.items, args.repeat)
+    stock, stock_runs = flmrun_rate(args.items, args.repeat, application="flmrun")
     ipp_rate, ipp_runs = ipyparallel_rate(args.items, args.repeat)
     dask, dask_runs = dask_rate(args.items, args.repeat)
 
     print(f"{args.items} trivial items on 2 workers, median of {args.repeat} runs (items/s)")
     rows = [
         ("%%flmrun --map (embedded Flame, 2 instances)", flmrun, flmrun_runs),
+        ("  the same on Flame's flmrun (flamepy's runner)", stock, stock_runs),
         ("ipyparallel load-balanced map (2 engines)", ipp_rate, ipp_runs),
         ("Dask client.map (2 workers)", dask, dask_runs),
     ]

@@ -2,7 +2,8 @@
 
 Usage: python benchmarks/run.py [--repeat N]
 
-1. A warm trivial cell: ``%%flmrun`` on the embedded Flame against ipyparallel's
+1. A warm trivial cell: ``%%flmrun`` on the embedded Flame (flame-magic's runner, then
+   Flame's stock ``flmrun``) against ipyparallel's
    ``%%px`` (and ``view.execute``) on a local one-engine cluster, both through the
    same in-process IPython shell. Also a bare gRPC round trip for reference.
 2. The first cell of a fresh Jupyter kernel: ``%load_ext flame_magic`` and a first
@@ -51,6 +52,9 @@ def warm_cells(repeat: int) -> dict[str, float]:
     shell = InteractiveShell.instance()
     shell.run_line_magic("load_ext", "flame_magic")
     flmrun = median_ms(run_cell(shell, f"%%flmrun --no-assign\n{TRIVIAL}"), repeat)
+    shell.run_line_magic("config", "FlameMagics.application = 'flmrun'")  # Flame's stock flmrun
+    stock = median_ms(run_cell(shell, f"%%flmrun --no-assign\n{TRIVIAL}"), repeat)
+    shell.run_line_magic("config", "FlameMagics.application = ''")
 
     magics = shell.magics_manager.registry["FlameMagics"]
     client = magics.connection().client()
@@ -71,7 +75,7 @@ def warm_cells(repeat: int) -> dict[str, float]:
     finally:
         rc.close()
         cluster.stop_cluster_sync()
-    return {"flmrun": flmrun, "px": px, "execute": execute, "grpc": bare}
+    return {"flmrun": flmrun, "stock": stock, "px": px, "execute": execute, "grpc": bare}
 
 
 def first_cell_seconds() -> float:
@@ -104,6 +108,7 @@ def main() -> int:
     ratio = warm["flmrun"] / warm["px"]
     print(f"warm trivial cell, median of {args.repeat} (ms)")
     print(f"  %%flmrun (embedded Flame)      {warm['flmrun']:8.3f}")
+    print(f"  %%flmrun on Flame's flmrun     {warm['stock']:8.3f}   (flamepy's runner, nothing deployed)")
     print(f"  %%px (ipyparallel, 1 engine)   {warm['px']:8.3f}")
     print(f"  view.execute (ipyparallel)     {warm['execute']:8.3f}")
     print(f"  bare gRPC round trip           {warm['grpc']:8.3f}")

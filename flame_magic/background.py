@@ -177,14 +177,20 @@ def follow(
             if close is not None:
                 close()
             return
-        if close is not None:
-            close()
         if not handle._future.set_running_or_notify_cancel():
+            if close is not None:
+                close()
             return  # cancelled meanwhile: show nothing, assign nothing
+        value, error = None, None
         try:
             value = finish(task)
         except BaseException as exc:  # noqa: B036 - whatever the cell raised is the handle's
-            handle._settle(error=exc)
+            error = exc
+        # Closed only now: the result, and large values, are read from the session's objects.
+        if close is not None:
+            close()
+        if error is not None:
+            handle._settle(error=error)
         else:
             handle._settle(value)
 

@@ -66,7 +66,7 @@ def local_header() -> cell.Header:
     )
 
 
-def check_header(header: cell.Header, peer: str) -> None:
+def check_header(header: cell.Header, peer: str, same_cloudpickle: bool = True) -> None:
     """Refuse a payload whose writer's versions differ from ours.
 
     Parameters
@@ -75,6 +75,10 @@ def check_header(header: cell.Header, peer: str) -> None:
         The header the peer wrote.
     peer
         Who wrote it, for the message ("the runner", "the notebook").
+    same_cloudpickle
+        Whether cloudpickle's version must match too. Flame's stock ``flmrun`` has the
+        cloudpickle its cluster installed, which the notebook cannot choose: there a
+        difference is allowed (the notebook says so once per session); Python's must match.
     """
     if header.protocol != PROTOCOL_VERSION:
         raise PayloadError(
@@ -85,7 +89,7 @@ def check_header(header: cell.Header, peer: str) -> None:
     mismatches = []
     if header.python != PYTHON_VERSION:
         mismatches.append(f"Python {header.python} there, {PYTHON_VERSION} here")
-    if header.cloudpickle != CLOUDPICKLE_VERSION:
+    if header.cloudpickle != CLOUDPICKLE_VERSION and same_cloudpickle:
         mismatches.append(f"cloudpickle {header.cloudpickle} there, {CLOUDPICKLE_VERSION} here")
     if mismatches:
         raise PayloadError(
@@ -101,8 +105,8 @@ def encode(message: Message) -> bytes:
     return message.SerializeToString()
 
 
-def decode(kind: type[M], data: bytes, peer: str) -> M:
-    """Parse an envelope message and check its header, before any unpickling."""
+def decode(kind: type[M], data: bytes, peer: str, same_cloudpickle: bool = True) -> M:
+    """Parse an envelope message and check its header (see :func:`check_header`), before any unpickling."""
     message = kind()
     try:
         message.ParseFromString(data)
@@ -110,7 +114,7 @@ def decode(kind: type[M], data: bytes, peer: str) -> M:
         raise PayloadError(f"{peer} sent data that is not a flame-magic {kind.__name__}: {exc}") from None
     if not message.HasField("header"):  # type: ignore[arg-type]
         raise PayloadError(f"{peer} sent a {kind.__name__} without a version header: is it flame-magic?")
-    check_header(message.header, peer)  # type: ignore[attr-defined]
+    check_header(message.header, peer, same_cloudpickle)  # type: ignore[attr-defined]
     return message
 
 
@@ -298,3 +302,62 @@ def loads_oob(data: bytes | memoryview, buffers: Sequence[Any]) -> Any:
     Writable buffers give writable numpy arrays, as in the process that pickled them.
     """
     return cloudpickle.loads(data, buffers=buffers)
+
+
+# -- Flame's stock flmrun (flamepy's runner) -----------------------------------------------
+#
+# flamepy's runner unpickles the session's RunnerContext and each task's RunnerRequest with
+# cloudpickle, and pickles what the evaluator returns. flame-magic writes those two pickles
+# itself, from opcodes, so that they name only flamepy's two classes and builtins (no code
+# object, which loads only under the writer's Python minor version), and without needing
+# flamepy in the notebook. Our envelopes travel inside them as plain bytes, framed by
+# STOCK_FRAME, and are checked (header first) before anything in them is unpickled.
+
+STOCK_FRAME = b"\xffFM\x01"  # never a BSON document's length, which flamepy's runner tries first
+FLAMEPY_TYPES = "flamepy.runner.types"
+
+
+def flamepy_object(name: str, state: dict[str, Any]) -> bytes:
+    """A pickle that flamepy unpickles as ``flamepy.runner.types.<name>`` with ``state`` as its fields.
+
+    Protocol 3 (Python 3.0+): ``GLOBAL`` names the class, ``NEWOBJ`` makes an instance as
+    ``copyreg`` would for a dataclass, and ``BUILD`` sets its ``__dict__`` from the state,
+    pickled by the standard pickler (plain values, and objects that reduce to builtins).
+    """
+    body = pickle.dumps(state, protocol=3)
+    assert body[:2] == b"\x80\x03" and body[-1:] == pickle.STOP
+    klass = f"c{FLAMEPY_TYPES}\n{name}\n".encode()
+    return b"\x80\x03" + klass + pickle.EMPTY_TUPLE + pickle.NEWOBJ + body[2:-1] + pickle.BUILD + pickle.STOP
+
+
+class _NoGlobals(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"refusing {module}.{name}: only plain bytes are expected")
+
+
+def plain_bytes(data: bytes | memoryview) -> bytes:
+    """The bytes in a pickle of one ``bytes`` object, refusing any pickle that names a global.
+
+    flamepy's runner stores what our evaluator returns (bytes) as a cloudpickle; a pickle
+    that loads no global cannot run code, so this one is safe to load before its header
+    is checked.
+    """
+    try:
+        value = _NoGlobals(io.BytesIO(data)).load()
+    except Exception as exc:
+        raise PayloadError(f"the runner's result is not plain bytes: {exc}") from None
+    if not isinstance(value, bytes):
+        raise PayloadError(f"the runner's result is a {type(value).__name__}, not bytes")
+    return value
+
+
+def frame(data: bytes) -> bytes:
+    """An envelope framed for the stock runner."""
+    return STOCK_FRAME + data
+
+
+def unframe(data: bytes, peer: str) -> bytes:
+    """The envelope inside a frame, or PayloadError for anything else."""
+    if not isinstance(data, (bytes, bytearray)) or not data.startswith(STOCK_FRAME):
+        raise PayloadError(f"{peer} sent data that is not a framed flame-magic envelope")
+    return bytes(data[len(STOCK_FRAME) :])

@@ -1,9 +1,10 @@
 """flame-magic's runner as a Flame application: telling it apart, packaging it, registering it.
 
 A Flame cluster starts with ``flmrun``, flamepy's runner (``python -m flamepy.runner.runpy``),
-which runs flamepy's own ``RunnerContext`` objects through the object cache and cannot run
-``%%flmrun`` cells. :func:`check_application` says so before a session is opened, and
-:func:`deploy` registers flame-magic's runner (``python -m flame_magic_runner``) as an application:
+which runs flamepy's own ``RunnerContext`` objects through the object cache: cells run there
+with flame-magic's evaluator sent as source (:mod:`flame_magic.stock`). :func:`deploy`
+registers flame-magic's runner (``python -m flame_magic_runner``), the faster path, as an
+application:
 
 - with ``url`` and ``installer: python``: Flame's executor manager downloads the package
   (a ``file://`` path every executor can read, or ``http(s)://``), ``uv pip install``\\ s it
@@ -82,7 +83,7 @@ def describe(application: types.Application) -> str:
     if is_our_runner(application.spec):
         notes.append("flame-magic's runner")
     elif is_stock_runner(application.spec):
-        notes.append("flamepy's runner: cannot run %%flmrun cells")
+        notes.append("Flame's flmrun: flamepy's runner")
     return f"{application.metadata.name} ({', '.join(notes)})" if notes else application.metadata.name
 
 
@@ -107,12 +108,6 @@ def check_application(application: types.Application | None, name: str, endpoint
             f"Application {name!r} on Flame at {endpoint} is disabled: ask the cluster's "
             f"administrator to enable it, run `%flame deploy --name NAME` to register flame-magic's "
             f"runner under another name, {choose}."
-        )
-    if is_stock_runner(application.spec):
-        return (
-            f"Application {name!r} on Flame at {endpoint} is flamepy's runner ({STOCK_RUNNER_MODULE}), "
-            "which runs flamepy objects, not notebook cells. Run `%flame deploy` to register "
-            f"flame-magic's runner and switch to it, {choose} (`%flame status` lists them)."
         )
     return None
 
@@ -307,6 +302,12 @@ def _essentials(spec: types.ApplicationSpec) -> tuple[object, ...]:
     environments = sorted((e.name, e.value) for e in spec.environments)
     fields = (spec.command, list(spec.arguments), spec.url, spec.installer, spec.working_directory)
     return (*fields, environments)
+
+
+def would_change(client: FlameClient, name: str, spec: types.ApplicationSpec) -> bool:
+    """Whether :func:`deploy` of ``spec`` as ``name`` would register or update anything."""
+    existing = client.get_application(name)
+    return existing is None or _essentials(existing.spec) != _essentials(spec)
 
 
 @dataclass(frozen=True)

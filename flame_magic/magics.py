@@ -306,10 +306,16 @@ class FlameMagics(Magics):
             channel = uuid.uuid4().hex if request.HasField("cache") else ""
             payloads: Iterable[bytes]
             if isinstance(plan.items, list):  # every item is checked before any is sent
-                payloads = item_payloads(shared, plan.item, plan.items, TASK_INPUT_LIMIT, channel)
+                payloads = [
+                    connection.task_input(session_id, payload)
+                    for payload in item_payloads(shared, plan.item, plan.items, TASK_INPUT_LIMIT, channel)
+                ]
             else:  # read as the map goes; the items seen are kept for the messages
-                payloads = iter_item_payloads(
-                    shared, plan.item, _kept(plan.items, items), TASK_INPUT_LIMIT, channel
+                payloads = (
+                    connection.task_input(session_id, payload)
+                    for payload in iter_item_payloads(
+                        shared, plan.item, _kept(plan.items, items), TASK_INPUT_LIMIT, channel
+                    )
                 )
             client = connection.client()
         except (ShipError, RequestError) as exc:
@@ -408,7 +414,8 @@ class FlameMagics(Magics):
             session_id = session_id or connection.session(plan.key)
             live = connection.live_channel(session_id, show)
             request.channel = live.channel if live is not None else ""
-            task = connection.client().create_task(session_id, connection.prepare(request, session_id))
+            data = connection.task_input(session_id, connection.prepare(request, session_id))
+            task = connection.client().create_task(session_id, data)
         except (ShipError, RequestError) as exc:
             self._close_private(session_id if plan.private else None)
             raise UsageError(str(exc)) from None
@@ -716,11 +723,14 @@ class FlameMagics(Magics):
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-        if connection.application == name:
+        if connection.application == name and deploy.would_change(client, name, spec):
             connection.close_sessions()  # Flame updates only an application without open sessions
         done = deploy.deploy(client, name, spec)
         self.application = name
-        connection.use_application(name)
+        if connection.application != name:
+            connection.use_application(name)
+        else:
+            connection.requested = name  # the application in use, now by name: its sessions stay
         command = " ".join([done.spec.command, *done.spec.arguments])
         where = f", installed from {done.spec.url}" if done.spec.url else ""
         print(
@@ -734,6 +744,8 @@ class FlameMagics(Magics):
         if connection.endpoint:
             self._show_applications(connection)
         print(f"Application: {connection.application}")
+        if connection.endpoint:
+            print(f"Path: {connection.path()}")
         for line in connection.environment.status():
             print(line)
         sessions = connection.sessions()

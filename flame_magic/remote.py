@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flame_magic import codec, deploy, protocol
+from flame_magic.backends import OWN_RUNNER, Backend, backend_for
 from flame_magic.cache import CacheClient, CacheError, ObjectNotFound, ObjectRef
 from flame_magic.capture import ShipError, check_size
 from flame_magic.client import (
@@ -27,11 +28,12 @@ from flame_magic.client import (
     new_session_id,
 )
 from flame_magic.config import Target, resolve_cache
-from flame_magic.deploy import check_application
+from flame_magic.deploy import check_application, is_stock_runner
 from flame_magic.errors import CellFailed
 from flame_magic.modules import Environment
 from flame_magic.protocol import MAX_MESSAGE_BYTES, cell, types
 from flame_magic.sessions import DEFAULT, RequestError, SessionKey, fits
+from flame_magic.stock import PythonMismatch, ensure_python_copy, python_copy_name
 from flame_magic.transfer import Shipper, blobs
 
 #: ``FlameMagics.application`` for "choose": see :func:`automatic_application`.
@@ -166,6 +168,12 @@ class Connection:
         self._cache: CacheClient | None = None
         self._cache_resolved = False
         self._shippers: dict[str, Shipper] = {}  # by session id: what each session stored
+        # By session id: how to speak to its runner, and the application it runs (which may be
+        # a copy of the configured one for this notebook's Python: see flame_magic.stock).
+        self._backends: dict[str, Backend] = {}
+        self._applications: dict[str, str] = {}
+        self._python_copies: dict[str, str] = {}  # configured application -> its copy in use
+        self._lost: dict[SessionKey, str] = {}  # sessions whose runner stopped, by what they were for
         #: Called with a note for the user (the magics print it), e.g. when a session was replaced.
         self.notify: Callable[[str], None] = lambda message: None
         #: The notebook's modules and the packages cells need (see flame_magic.modules).
@@ -274,7 +282,8 @@ class Connection:
     def _shipper_for(self, session_id: str) -> Shipper:
         with self._lock:
             if session_id not in self._shippers:
-                self._shippers[session_id] = Shipper(self.cache(), f"{self.application}/{session_id}")
+                application = self._applications.get(session_id, self.application)
+                self._shippers[session_id] = Shipper(self.cache(), f"{application}/{session_id}")
             return self._shippers[session_id]
 
     def load(self, value: cell.Value) -> Any:
@@ -315,37 +324,121 @@ class Connection:
             if key == DEFAULT:
                 if self._session_id is None:
                     self._session_id = self.open_session(key)
+                    self._say_lost(key, self._session_id)
                 return self._session_id
             if key not in self._keyed:
                 self._keyed[key] = self.open_session(key)
+                self._say_lost(key, self._keyed[key])
             return self._keyed[key]
+
+    def _lose(self, session_id: str) -> None:
+        """Stop reusing a session whose runner stopped; the next cell for it says what was lost."""
+        with self._lock:
+            keys = [k for k, v in self._keyed.items() if v == session_id]
+            if self._session_id == session_id:
+                keys.append(DEFAULT)
+            for key in keys:
+                self._lost[key] = session_id
+        self.forget(session_id)
+
+    def _say_lost(self, key: SessionKey, session_id: str) -> None:
+        gone = self._lost.pop(key, None)
+        if gone is not None:
+            self.notify(
+                f"The runner of session {gone} stopped; this cell runs in a new session, {session_id}: "
+                "what earlier cells left on the runner (imports, definitions) is gone."
+            )
 
     def open_session(self, key: SessionKey) -> str:
         """Open a new Flame session as ``key`` describes (not remembered for reuse: see :meth:`session`).
+
+        On Flame's flmrun the session's runner is probed first (see :mod:`flame_magic.stock`).
 
         Raises
         ------
         RequestError
             If no node of this Flame can hold one instance with the resources asked for.
+        FlameError
+            If the application cannot run this notebook's cells; the message says what to do.
         """
         client = self.client()
-        application = client.get_application(self.application)
-        problem = check_application(application, self.application, client.endpoint)
+        name = self._python_copies.get(self.application, self.application)
+        application = client.get_application(name)
+        problem = check_application(application, name, client.endpoint)
         if problem:
             raise FlameError(problem)
+        assert application is not None
+        backend = backend_for(application.spec, self.cache() if is_stock_runner(application.spec) else None)
         if key.resources.given:
             too_big = fits(key.resources, client.list_nodes())
             if too_big:
                 raise RequestError(too_big)
         prefix = self.application if key.name is None else f"{self.application}-{key.name}"
         session_id = new_session_id(prefix)
-        hello = codec.encode(cell.SessionHello(header=codec.local_header()))
-        client.open_session(session_id, key.spec(self.application, hello))
+        with self._lock:
+            self._backends[session_id] = backend
+            self._applications[session_id] = name
+        if backend is not OWN_RUNNER:
+            self._shipper_for(session_id)  # its objects (the evaluator, results) go when it closes
+        try:
+            client.open_session(session_id, key.spec(name, backend.common_data(name, session_id)))
+        except FlameError:
+            self._delete_objects(session_id)  # the evaluator stored for it, on flmrun
+            raise
         with self._lock:
             self.session_ids.append(session_id)
             if key.label():
                 self.labels[session_id] = key.label()
+        try:
+            notes = backend.started(client, name, session_id)
+        except PythonMismatch as exc:
+            self._abandon(session_id)
+            if name != self.application:
+                raise FlameError(
+                    f"{exc} (The copy {name!r} of {self.application!r} with FLAME_PYTHON_VERSION="
+                    f"{codec.PYTHON_VERSION} still runs Python {exc.python}.)"
+                ) from None
+            registered = ensure_python_copy(client, name, application.spec)
+            copy = python_copy_name(name)
+            self._python_copies[self.application] = copy
+            done = "registered" if registered else "uses"
+            self.notify(
+                f"Flame's {name!r} runs Python {exc.python}, this notebook {codec.PYTHON_VERSION}: this "
+                f"notebook {done} {copy!r}, a copy of it with FLAME_PYTHON_VERSION={codec.PYTHON_VERSION}."
+            )
+            return self.open_session(key)
+        except (FlameError, codec.PayloadError) as exc:
+            self._abandon(session_id)
+            raise FlameError(str(exc)) from None
+        for note in notes:
+            self.notify(note)
         return session_id
+
+    def backend(self, session_id: str) -> Backend:
+        """How this notebook speaks to the runner of ``session_id``."""
+        with self._lock:
+            return self._backends.get(session_id, OWN_RUNNER)
+
+    def path(self) -> str:
+        """Which kind of runner the notebook's cells reach, and why (for ``%flame status``)."""
+        client = self.client()
+        name = self._python_copies.get(self.application, self.application)
+        application = client.get_application(name)
+        if application is None or check_application(application, name, client.endpoint):
+            return f"none: {name!r} cannot run cells (see above)"
+        via = (
+            f" through {name!r}, its copy for Python {codec.PYTHON_VERSION}"
+            if name != self.application
+            else ""
+        )
+        if is_stock_runner(application.spec):
+            cache = "" if self.cache() is not None else " (needs Flame's object cache: none is configured)"
+            return (
+                f"Flame's flmrun: {self.application!r}{via} is flamepy's runner, which runs flame-magic's "
+                f"evaluator sent with each session{cache}; `%flame deploy` registers flame-magic's runner, "
+                "the faster path"
+            )
+        return f"flame-magic's runner: {self.application!r}{via} runs it"
 
     def named(self, name: str) -> SessionKey | None:
         """The key of the open named session ``name``, if this notebook has one."""
@@ -398,7 +491,7 @@ class Connection:
         self._allow_cache(request, session_id)
         live = self._live(request, session_id, show)
         check_size(request, TASK_INPUT_LIMIT)
-        data = codec.encode(request)
+        data = self.task_input(session_id, codec.encode(request))
         try:
             task = client.create_task(session_id, data)
         except FlameError:
@@ -412,7 +505,7 @@ class Connection:
             session_id = self.session(key)
             self._allow_cache(request, session_id)
             live = self._live(request, session_id, show)
-            data = codec.encode(request)
+            data = self.task_input(session_id, codec.encode(request))
             if not restarted:
                 self.notify(
                     f"Session {gone} was closed or deleted outside this notebook (flmctl, an "
@@ -495,6 +588,8 @@ class Connection:
         finally:
             live.finish()  # the last of the output
         if live.interrupted and task.status.state != types.Succeed and not task.spec.output:
+            if self.backend(session_id) is not OWN_RUNNER:
+                self._lose(session_id)  # Flame does not start a new runner for a broken session
             raise CellFailed(
                 f"Interrupted: the cell ignored the interrupt for {grace:g} s, so its runner was "
                 "stopped; what it held (imports, definitions) is gone: the next cell starts on a "
@@ -519,6 +614,10 @@ class Connection:
         self._allow_cache(request, session_id)
         check_size(request, TASK_INPUT_LIMIT)
         return codec.encode(request)
+
+    def task_input(self, session_id: str, data: bytes) -> bytes:
+        """The task input for an encoded ``CellRequest`` (see :meth:`prepare`) to ``session_id``."""
+        return self.backend(session_id).task_input(data)
 
     def _allow_cache(self, request: cell.CellRequest, session_id: str) -> None:
         """Let the runner put large results in the cache, under the session's key prefix."""
@@ -545,7 +644,7 @@ class Connection:
         client = self._client
         if client is None:
             raise FlameError("this notebook no longer uses the Flame that ran the cell")
-        task = client.create_task(session_id, codec.encode(request))
+        task = client.create_task(session_id, self.task_input(session_id, codec.encode(request)))
         return self._result(client.wait_task(session_id, task.metadata.id))
 
     def result_of(self, task: types.Task) -> cell.CellResult:
@@ -554,12 +653,17 @@ class Connection:
 
     def _result(self, task: types.Task) -> cell.CellResult:
         state = task.status.state
-        if task.spec.HasField("output") and task.spec.output:
-            try:
-                result = codec.decode(cell.CellResult, task.spec.output, "the Flame runner")
-            except codec.PayloadError as exc:
-                raise CellFailed(str(exc)) from None
-            self.environment.saw(task.spec.session_id, result)
+        session_id = task.spec.session_id
+        backend = self.backend(session_id)
+        try:
+            data = backend.cell_result(task)
+            result = (
+                codec.decode(cell.CellResult, data, backend.path, backend.same_cloudpickle) if data else None
+            )
+        except (codec.PayloadError, FlameError) as exc:
+            raise CellFailed(str(exc)) from None
+        if result is not None:
+            self.environment.saw(session_id, result)
             if result.HasField("refused"):
                 raise CellFailed(result.refused)
             return result
@@ -569,6 +673,13 @@ class Connection:
                 "a new session starts."
             )
         message = failure_message(task) or "no message"
+        if backend is not OWN_RUNNER:
+            self._lose(session_id)  # its runner may be gone, and Flame does not start another
+            raise CellFailed(
+                f"Flame could not run the cell: {message}. If the runner process stopped (a cell that "
+                "ignores its timeout or an interrupt is stopped so), what it held (imports, "
+                "definitions) is gone: the next cell opens a new session."
+            )
         raise CellFailed(
             f"Flame could not run the cell: {message}. If the runner process died, what it held "
             "(imports, definitions) is gone: the next cell starts on a fresh runner."

@@ -46,6 +46,7 @@ import ast
 import asyncio
 import base64
 import builtins
+import importlib.util
 import inspect
 import io
 import json
@@ -69,6 +70,7 @@ from flame_magic.transfer import CACHE_HINT, RUNNER_SIDE, Outgoing, Shipper
 from .debug import FailureKeeper
 from .environment import Environment
 from .fdcapture import fd_capture
+from .live import raise_in_thread
 
 # matplotlib's backend for cells, as ipykernel sets it: figures become PNG displays.
 INLINE_BACKEND = "module://matplotlib_inline.backend_inline"
@@ -222,6 +224,7 @@ class Evaluator:
         self._shell: Any = None
         self._publisher: Any = None
         self._own_shell = False
+        self._plain = False  # no IPython here: plain reprs, no display capture
         self._future_flags = 0  # `from __future__ import ...` in a cell lasts, as in IPython
         self._loop: asyncio.AbstractEventLoop | None = None
         self._compiled: tuple[tuple[str, str, int, int], tuple[Any, Any, bool]] | None = None
@@ -235,13 +238,22 @@ class Evaluator:
         sys.modules["__main__"] = self.module
 
     def prepare(self) -> None:
-        """Import IPython and set up display capture (idempotent; about 0.2 s the first time)."""
-        if self._shell is not None:
+        """Import IPython and set up display capture (idempotent; about 0.2 s the first time).
+
+        Without IPython (Flame's stock runner may lack it) cells still run: values show as
+        their ``repr`` and ``display()`` is not captured (the notebook says so once).
+        """
+        if self._shell is not None or self._plain:
             return
         self.environment.warm()
-        from IPython.core.interactiveshell import InteractiveShell
-        from traitlets.config import Config
-
+        if not os.environ.get("MPLBACKEND") and importlib.util.find_spec("matplotlib_inline") is not None:
+            os.environ["MPLBACKEND"] = INLINE_BACKEND
+        try:
+            from IPython.core.interactiveshell import InteractiveShell
+            from traitlets.config import Config
+        except ImportError:
+            self._plain = True
+            return
         if InteractiveShell.initialized():
             shell = InteractiveShell.instance()
         else:
@@ -251,8 +263,6 @@ class Evaluator:
             self._own_shell = True
         self._publisher = _make_publisher(shell)
         self._shell = shell
-        if not os.environ.get("MPLBACKEND"):
-            os.environ["MPLBACKEND"] = INLINE_BACKEND
         # The shell installs its own namespace as __main__; cells need theirs to be it.
         sys.modules["__main__"] = self.module
 
@@ -352,14 +362,15 @@ class Evaluator:
     @contextmanager
     def _capture(self, recorder: _Recorder) -> Iterator[None]:
         shell = self._shell
-        saved = sys.stdout, sys.stderr, shell.display_pub
+        saved = sys.stdout, sys.stderr, (shell.display_pub if shell is not None else None)
         for stream, previous in ((self._stdout, saved[0]), (self._stderr, saved[1])):
             if previous is not stream:
                 stream.fallback = previous
             stream.recorder = recorder
         sys.stdout, sys.stderr = self._stdout, self._stderr
-        self._publisher.recorder = recorder
-        shell.display_pub = self._publisher
+        if shell is not None:
+            self._publisher.recorder = recorder
+            shell.display_pub = self._publisher
         fds = fd_capture()
         if fds is not None:
             fds.start(recorder.write)
@@ -375,9 +386,11 @@ class Evaluator:
                     fds.stop()
                     self._stdout.sync = self._stderr.sync = None
                 # Restored even if the cell replaced them itself.
-                sys.stdout, sys.stderr, shell.display_pub = saved
+                sys.stdout, sys.stderr = saved[0], saved[1]
                 self._stdout.recorder = self._stderr.recorder = None
-                self._publisher.recorder = None
+                if shell is not None:
+                    shell.display_pub = saved[2]
+                    self._publisher.recorder = None
 
     def _run(self, request: cell.CellRequest, result: cell.CellResult) -> None:
         filename = request.filename or "<flmrun cell>"
@@ -487,6 +500,9 @@ class Evaluator:
             self._set_representation(result, value)
 
     def _set_representation(self, result: cell.CellResult, value: Any) -> None:
+        if self._shell is None:
+            result.result.CopyFrom(mime_bundle({"text/plain": _safe_repr(value)}, {}))
+            return
         try:
             data, metadata = self._shell.display_formatter.format(value)
         except Exception:
@@ -564,18 +580,26 @@ def _flush_figures() -> None:
 def time_limit(seconds: float) -> Iterator[None]:
     """Raise TimeoutError in the cell after ``seconds`` (0: no limit).
 
-    An interval timer's SIGALRM interrupts even a blocking call such as ``time.sleep``;
-    signals reach only the main thread, where cells run.
+    On the main thread (flame-magic's runner) an interval timer's SIGALRM interrupts even a
+    blocking call such as ``time.sleep``. Elsewhere (flamepy's runner calls cells on a gRPC
+    worker thread, and signals reach only the main thread) a watchdog thread raises it
+    asynchronously, which takes effect at the cell's next Python instruction; a cell blocked
+    in one long C call for :data:`HARD_STOP_GRACE` seconds more has its process stopped.
     """
-    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+    if seconds <= 0:
         yield
+        return
+    message = (
+        f"the cell ran longer than its {seconds:g} s timeout and was stopped "
+        "(%%flmrun --timeout SECONDS, or %config FlameMagics.timeout)"
+    )
+    if threading.current_thread() is not threading.main_thread():
+        with _watchdog(seconds, _timeout_error(message)):
+            yield
         return
 
     def expire(signum: int, frame: Any) -> None:
-        raise TimeoutError(
-            f"the cell ran longer than its {seconds:g} s timeout and was stopped "
-            "(%%flmrun --timeout SECONDS, or %config FlameMagics.timeout)"
-        )
+        raise TimeoutError(message)
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -584,6 +608,54 @@ def time_limit(seconds: float) -> Iterator[None]:
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# Seconds a cell that ignores its timeout on a worker thread gets before its process exits.
+HARD_STOP_GRACE = 5.0
+
+
+def _timeout_error(message: str) -> type[BaseException]:
+    """A TimeoutError raised without arguments (as asynchronous exceptions are) that says ``message``."""
+
+    class CellTimeout(TimeoutError):
+        def __init__(self, *args: object) -> None:
+            super().__init__(*(args or (message,)))
+
+    # Shown, and mirrored in the notebook, as the builtin it is.
+    CellTimeout.__module__ = "builtins"
+    CellTimeout.__name__ = CellTimeout.__qualname__ = "TimeoutError"
+    return CellTimeout
+
+
+@contextmanager
+def _watchdog(seconds: float, error: type[BaseException]) -> Iterator[None]:
+    ident = threading.get_ident()
+    lock = threading.Lock()
+    done = threading.Event()
+    state = {"running": True, "fired": False}
+
+    def watch() -> None:
+        if done.wait(seconds):
+            return
+        with lock:
+            if not state["running"]:
+                return
+            state["fired"] = True
+            raise_in_thread(ident, error)
+        if done.wait(HARD_STOP_GRACE):
+            return
+        os.write(2, f"flame-magic: the cell ignored its {seconds:g} s timeout; exiting\n".encode())
+        os._exit(3)
+
+    threading.Thread(target=watch, name="flmrun-timeout", daemon=True).start()
+    try:
+        yield
+    finally:
+        with lock:
+            state["running"] = False
+            if state["fired"]:
+                raise_in_thread(ident, None)  # not raised yet: the cell ended first
+        done.set()
 
 
 def remote_exception(exc: BaseException, filename: str) -> cell.RemoteException:
@@ -618,7 +690,8 @@ def remote_exception(exc: BaseException, filename: str) -> cell.RemoteException:
     )
 
 
-_RUNNER_DIR = os.path.dirname(os.path.abspath(__file__))
+# The runner's own modules, by name: also when they travel as source (no files, a private package).
+_RUNNER_PACKAGE = __name__.rpartition(".")[0] + "."
 
 
 def _drop_runner_frames(exc: BaseException) -> None:
@@ -633,7 +706,7 @@ def _drop_runner_frames(exc: BaseException) -> None:
         kept = []
         tb = current.__traceback__
         while tb is not None:
-            if os.path.dirname(os.path.abspath(tb.tb_frame.f_code.co_filename)) != _RUNNER_DIR:
+            if not str(tb.tb_frame.f_globals.get("__name__", "")).startswith(_RUNNER_PACKAGE):
                 kept.append(tb)
             tb = tb.tb_next
         for entry, following in zip(kept, [*kept[1:], None]):  # noqa: B905 - one longer when kept is empty

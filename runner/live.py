@@ -6,9 +6,11 @@ thread appends what the cell showed since the last tick to ``<prefix>/<channel>-
 as one message), and checks ``<prefix>/<channel>-ctl``, which the notebook puts when the
 user interrupts the cell. The flusher then sends SIGUSR2 to the main thread, whose
 handler raises ``KeyboardInterrupt`` in the cell (a signal, unlike
-``_thread.interrupt_main``, also ends a blocking call such as ``time.sleep``); if the cell
-is still running after the grace period the notebook gave, the process exits, so that
-Flame fails the task and starts a fresh runner.
+``_thread.interrupt_main``, also ends a blocking call such as ``time.sleep``). A cell on
+another thread (flamepy's runner calls cells on a gRPC worker thread) gets it as an
+asynchronous exception instead, at its next Python instruction. If the cell is still
+running after the grace period the notebook gave, the process exits, so that Flame fails
+the task and starts a fresh runner.
 """
 
 from __future__ import annotations
@@ -74,6 +76,14 @@ def _take_back(live: Live) -> None:
         live._done.wait()
 
 
+def raise_in_thread(ident: int, kind: type[BaseException] | None) -> None:
+    """Raise ``kind`` in the thread ``ident`` at its next Python instruction (None: cancel that)."""
+    import ctypes
+
+    exc = ctypes.py_object(kind) if kind is not None else None
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), exc)
+
+
 def _on_interrupt(signum: int, frame: Any) -> None:
     live = _armed
     if live is not None and live.interrupting:
@@ -115,6 +125,9 @@ class Live:
         self._picked_up = False
         self._done = threading.Event()
         self._main = threading.main_thread().ident
+        self._thread = threading.get_ident()  # the cell's (start() is called on it)
+        self._interrupt_lock = threading.Lock()
+        self._raised = False
         self.interrupting = False
         self.failed = False  # the cache refused a patch: the rest comes with the result
         self._created = False  # the notebook reads the object only once it exists
@@ -122,18 +135,22 @@ class Live:
 
     def start(self) -> None:
         global _armed
-        if threading.current_thread() is not threading.main_thread():
-            return
-        _install_handler()
-        _armed = self
+        self._thread = threading.get_ident()
+        if self._thread == self._main:
+            _install_handler()
+            _armed = self
         _hand_over(self)
 
     def stop(self) -> list[cell.Output]:
         """Stop the flusher; return what was not sent (it travels with the result)."""
         global _armed
-        self.interrupting = False
-        _armed = None
-        self._stop.set()
+        with self._interrupt_lock:
+            self._stop.set()
+            self.interrupting = False
+            if self._raised:
+                raise_in_thread(self._thread, None)  # not raised yet: the cell ended first
+        if _armed is self:
+            _armed = None
         _take_back(self)
         return self._unsent
 
@@ -171,8 +188,7 @@ class Live:
                 if request is not None:
                     grace = float(request.get("grace", DEFAULT_GRACE))
                     interrupted_at = time.monotonic()
-                    self.interrupting = True
-                    signal.pthread_kill(self._main, INTERRUPT_SIGNAL)  # type: ignore[arg-type]
+                    self._interrupt()
             elif time.monotonic() - interrupted_at > grace and not self._stop.is_set():
                 self.flush()
                 os.write(
@@ -180,6 +196,17 @@ class Live:
                     f"flame-magic-runner: the cell ignored the interrupt for {grace:g} s; exiting\n".encode(),
                 )
                 os._exit(3)
+
+    def _interrupt(self) -> None:
+        if self._thread == self._main:
+            self.interrupting = True
+            signal.pthread_kill(self._main, INTERRUPT_SIGNAL)  # type: ignore[arg-type]
+            return
+        with self._interrupt_lock:
+            if self._stop.is_set():
+                return  # the cell has ended
+            self.interrupting = self._raised = True
+            raise_in_thread(self._thread, KeyboardInterrupt)
 
     def _control(self) -> dict[str, Any] | None:
         try:

@@ -282,21 +282,32 @@ def test_unreachable_or_wrong_endpoints_fail_within_seconds_naming_them(run, mag
 # -- choosing and deploying the runner -----------------------------------------------------
 
 
-def test_stock_flmrun_is_detected_and_deploy_switches_to_our_runner(run, magics, tmp_path):
+def test_stock_flmrun_runs_cells_with_a_cache_and_deploy_switches_to_our_runner(
+    run, magics, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("FLAME_CACHE_ENDPOINT", raising=False)
     with EmbeddedFlame.start(working_directory=str(tmp_path), listen="http://127.0.0.1:0") as flame:
         # A Flame as it comes: its flmrun is flamepy's runner, and flame-magic's is not there.
         admin = FlameClient(flame.endpoint)
         admin.unregister_application("flame-magic")
 
         connected = run(f"%flame connect {flame.endpoint}")
-        assert "flmrun (flamepy's runner: cannot run %%flmrun cells)" in connected.stdout
-        assert "Run `%flame deploy`" in connected.stdout
+        assert "flmrun (Flame's flmrun: flamepy's runner)" in connected.stdout, connected.stdout
 
+        # The notebook is not told of this Flame's cache: flmrun cannot run, and nothing starts.
         refused, took = timed(run, "%%flmrun\n1 + 1")
         assert isinstance(refused.error, CellFailed)
-        assert "is flamepy's runner" in str(refused.error) and "`%flame deploy`" in str(refused.error)
+        assert "flmrun (flamepy's runner) needs Flame's object cache" in str(refused.error)
+        assert "FLAME_CACHE_ENDPOINT" in str(refused.error) and "`%flame deploy`" in str(refused.error)
         assert took < FAILS_WITHIN
-        assert admin.list_sessions() == []  # nothing was started
+        assert admin.list_sessions() == []
+        assert "needs Flame's object cache" in run("%flame status").stdout
+
+        assert flame.cache_endpoint
+        monkeypatch.setenv("FLAME_CACHE_ENDPOINT", flame.cache_endpoint)
+        assert run(f"%flame connect {flame.endpoint}").error is None
+        assert run("%%flmrun\n6 * 7").value == 42
+        assert "Path: Flame's flmrun: 'flmrun' is flamepy's runner" in run("%flame status").stdout
 
         unsaid = run("%flame deploy")
         assert isinstance(unsaid.error, UsageError)
@@ -311,8 +322,10 @@ def test_stock_flmrun_is_detected_and_deploy_switches_to_our_runner(run, magics,
         app = admin.get_application("flame-magic")
         assert app is not None and app.spec.delay_release == 600
 
+        pid = run("%%flmrun\nimport os\nos.getpid()").value
         again = run(f"%flame deploy --installed --python {sys.executable}")
         assert "Application 'flame-magic' unchanged" in again.stdout
+        assert run("%%flmrun\nimport os\nos.getpid()").value == pid  # same session, same runner
         taken = run(f"%flame deploy --installed --name flmrun --python {sys.executable}")
         assert isinstance(taken.error, CellFailed)
         assert "'flmrun' that is not flame-magic's runner" in str(taken.error)
@@ -332,7 +345,8 @@ def test_stock_flmrun_is_detected_and_deploy_switches_to_our_runner(run, magics,
         admin.close_session(elsewhere)
         updated = run(f"%flame deploy --installed --python {other}")
         assert "Application 'flame-magic' updated" in updated.stdout, updated.error
-        assert run("%%flmrun\nimport sys\nsys.executable").value == str(other)
+        moved = run("%%flmrun\nimport sys\nsys.executable")
+        assert moved.value == str(other), (moved.error, moved.stdout, moved.stderr)
         admin.close()
 
 
