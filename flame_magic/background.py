@@ -169,16 +169,18 @@ def follow(
             if close is not None:
                 close()
             return
-        if close is not None:
-            close()
-        if not handle._future.set_running_or_notify_cancel():
-            return  # cancelled meanwhile: show nothing, assign nothing
         try:
-            value = finish(task)
-        except BaseException as exc:  # noqa: B036 - whatever the cell raised is the handle's
-            handle._settle(error=exc)
-        else:
-            handle._settle(value)
+            if not handle._future.set_running_or_notify_cancel():
+                return  # cancelled meanwhile: show nothing, assign nothing
+            try:
+                value = finish(task)
+            except BaseException as exc:  # noqa: B036 - whatever the cell raised is the handle's
+                handle._settle(error=exc)
+            else:
+                handle._settle(value)
+        finally:
+            if close is not None:
+                close()  # after finish: the values it brings back may be in the session's objects
 
     threading.Thread(target=run, name=f"flmrun-background-{label}", daemon=True).start()
     return handle

@@ -22,10 +22,11 @@ from flame_magic.capture import ShipError, analyse, pack
 from flame_magic.client import FlameError, SessionGoneError, SessionStartError
 from flame_magic.config import ConfigError, Target, resolve, target_for
 from flame_magic.errors import CellFailed, CellSyntaxError, MapInterrupted, add_note, remote_error
-from flame_magic.fanout import NOT_DONE, MapOutcome, MapRun, item_payloads
+from flame_magic.fanout import NOT_DONE, MapOutcome, MapRun, Progress, item_payloads
 from flame_magic.progress import ProgressDisplay
 from flame_magic.protocol import cell
 from flame_magic.remote import TASK_INPUT_LIMIT, Connection
+from flame_magic.runners import RunnerCount
 from flame_magic.sessions import Plan, RequestError, plan
 
 # The cell body starts on the line after `%%flmrun`, and tracebacks should
@@ -58,6 +59,12 @@ class FlameMagics(Magics):
         config=True
     )
     connect_timeout = Float(10.0, help="Seconds to wait for the Flame session manager.").tag(config=True)
+    start_timeout = Float(
+        60.0,
+        help="Seconds a new session's runner may take to start before its cell fails, naming the "
+        "application's command (0: wait for ever). Flame 0.6 reports nothing when a runner process "
+        "exits before it serves.",
+    ).tag(config=True)
     interrupt_grace = Float(
         5.0,
         help="Seconds an interrupted cell may take to stop before its runner is stopped (and replaced).",
@@ -84,6 +91,7 @@ class FlameMagics(Magics):
             self._connection = self._new_connection(target)
         elif self._connection.application != self.application:
             self._connection.use_application(self.application)
+        self._connection.start_timeout = self.start_timeout
         return self._connection
 
     def _new_connection(self, target: Target) -> Connection:
@@ -251,6 +259,12 @@ class FlameMagics(Magics):
         except FlameError as exc:
             raise CellFailed(str(exc)) from None
         progress = ProgressDisplay(self.shell, f"flmrun --map {plan.item}={plan.source}")
+        runners = RunnerCount(client, session_id)
+
+        def on_progress(done: Progress) -> None:
+            progress.update(done)
+            runners.sample()
+
         run = MapRun(
             client,
             session_id,
@@ -259,12 +273,21 @@ class FlameMagics(Magics):
             result_of=connection.result_of,
             value_of=self._value_of,
             stop_at_failure=not plan.return_exceptions,
-            on_progress=progress.update,
+            on_progress=on_progress,
         )
         try:
             outcome = run.run()
         finally:
             progress.close()
+        runners.sample(force=True)
+        wanted = min(plan.key.instances, len(plan.items))
+        if runners.known and runners.most < wanted:
+            print(
+                f"flmrun: --map asked Flame for {wanted} runners and got {runners.most} (the cluster's "
+                "other executors were in use, or the items were done before more started); "
+                "`%flame status` shows this notebook's sessions.",
+                file=sys.stderr,
+            )
         return self._map_results(plan, outcome, session_id)
 
     def _map_results(self, plan: Plan, outcome: MapOutcome, session_id: str | None) -> Any:
@@ -278,9 +301,12 @@ class FlameMagics(Magics):
             or outcome.fatal is not None
             or (outcome.failure is not None and not plan.return_exceptions)
         )
-        if not stopped:
-            return None if plan.into is not None else results
         connection = self.connection()
+        if not stopped:
+            if session_id is not None and plan.key.name is None:
+                # Its runners were started for it: give their executors back for the next cells.
+                connection.close_session(session_id)
+            return None if plan.into is not None else results
         if session_id is not None and plan.key.name is None:
             # Cancels the items sent but not started, unless one still runs (Flame then refuses).
             connection.close_session(session_id)
@@ -529,10 +555,21 @@ class FlameMagics(Magics):
             if connection.close_session(session_id):
                 print(f"Closed session {name!r} ({session_id}).")
             else:
-                print(f"Flame keeps session {name!r} ({session_id}) open while a task runs; close it later.")
+                print(
+                    f"Flame refused to close session {name!r} ({session_id}): a task runs there. It stays "
+                    f"open, with its values; run `%flame close {name}` again once it has ended."
+                )
             return
-        closed = self.connection().close_sessions()
-        print(f"Closed {len(closed)} session(s): {', '.join(closed)}" if closed else "No open sessions.")
+        outcome = self.connection().close_all()
+        if outcome.closed:
+            print(f"Closed {len(outcome.closed)} session(s): {', '.join(outcome.closed)}.")
+        for session_id, reason in outcome.refused.items():
+            print(
+                f"Flame refused to close session {session_id} ({reason}): a task runs there. It stays "
+                "open, with its values in the object cache; run `%flame close` again once it has ended."
+            )
+        if not outcome.closed and not outcome.refused:
+            print("No open sessions.")
 
     def _connect(self, name: str | None, ca_file: str | None) -> None:
         target = target_for(name, ca_file) if name else resolve()
@@ -561,6 +598,18 @@ class FlameMagics(Magics):
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        if not spec.HasField("url"):
+            if deploy.executors_here(client.endpoint, connection.target.embedded):
+                problem = deploy.check_python(spec.command)
+                if problem:
+                    raise UsageError(problem)
+            else:
+                print(
+                    f"flmrun: cannot check from here that {spec.command} on the executors imports "
+                    "flame_magic_runner; if it cannot, the first cell fails after "
+                    f"FlameMagics.start_timeout ({self.start_timeout:g} s).",
+                    file=sys.stderr,
+                )
         if connection.application == name:
             connection.close_sessions()  # Flame updates only an application without open sessions
         done = deploy.deploy(client, name, spec)

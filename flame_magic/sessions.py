@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flame_magic.protocol import types
@@ -188,6 +188,14 @@ class SessionKey:
 
 
 DEFAULT = SessionKey()
+
+
+@dataclass
+class Closing:
+    """What ``%flame close`` did: the sessions closed, and those Flame kept open, with its reason."""
+
+    closed: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 def fits(resources: Resources, nodes: list[types.Node]) -> str | None:

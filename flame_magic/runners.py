@@ -1,0 +1,183 @@
+"""What Flame says about a session's runners: started, never starting, dead, or waiting for room.
+
+Flame 0.6 fails in ways a client has to notice by itself (see ``flame-protocol.md``):
+
+- a runner process that died stays bound to its session: the session's later tasks fail at
+  once with ``Connection refused (os error 111)``, so such a session is never used again;
+- a process that exits before it creates its socket leaves its executor ``Binding``, with
+  no event: the task stays Pending, so a cell gives up after ``start_timeout`` seconds;
+- a task also stays Pending while every executor of the cluster is bound to other
+  sessions (an idle runner is kept for its application's ``delay_release``): the cell says
+  so, once, naming this notebook's sessions that hold executors.
+
+This module reads ``ListExecutor`` for a session whose task waits; it does not present
+anything (the note goes to a ``notify`` callable) and does not close sessions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from flame_magic.client import FlameClient, FlameError, SessionStartError
+from flame_magic.protocol import types
+
+# Seconds between two looks at Flame's executors while a task waits.
+CHECK_SECONDS = 1.0
+# Looks in a row that find no executor for the session before the cell says it waits for
+# room: Flame's scheduler assigns one within a tick when the cluster has room.
+ROOM_CHECKS = 3
+# What Flame 0.6 records for a task sent to a runner process that is gone.
+REFUSED = ("Connection refused", "os error 111")
+# States of an executor that holds a node's resources for a session.
+_HOLDING = frozenset({types.ExecutorBinding, types.ExecutorBound, types.ExecutorUnbinding})
+
+
+class RunnerStartTimeout(SessionStartError):
+    """No runner of the session's application came up within the start timeout."""
+
+
+def runner_lost(task: types.Task) -> bool:
+    """Whether a finished task failed without any answer from its runner (it died or is gone).
+
+    The runner answers every cell, failed ones too, with a result; Flame fails a task
+    without output only when the call to the runner itself failed.
+    """
+    return task.status.state == types.Failed and not (task.spec.HasField("output") and task.spec.output)
+
+
+def never_reached(message: str) -> bool:
+    """Whether Flame's failure message says the task never reached a runner process."""
+    return any(marker in message for marker in REFUSED)
+
+
+def _holding(executors: list[types.Executor], session_id: str) -> list[types.Executor]:
+    return [e for e in executors if e.status.session_id == session_id and e.status.state in _HOLDING]
+
+
+class PendingWatch:
+    """Called while a cell's task is Pending (see ``FlameClient.wait_task``'s ``pending``).
+
+    Parameters
+    ----------
+    client
+        The Flame client.
+    session_id, application
+        The session the task waits in, and its application.
+    start_timeout
+        Seconds the session's executors may stay ``Binding`` (no runner up) before the
+        wait fails with :class:`RunnerStartTimeout`; 0 waits for ever.
+    describe
+        For a session id, how to name it to the user if it is one of this notebook's
+        open sessions (None otherwise).
+    notify
+        Shows the one-line note that the cell waits for room.
+    """
+
+    def __init__(
+        self,
+        client: FlameClient,
+        session_id: str,
+        application: str,
+        start_timeout: float,
+        describe: Callable[[str], str | None],
+        notify: Callable[[str], None],
+    ) -> None:
+        self.client = client
+        self.session_id = session_id
+        self.application = application
+        self.start_timeout = start_timeout
+        self.describe = describe
+        self.notify = notify
+        self.told = False
+        self._next_check = 0.0
+        self._binding_since: float | None = None
+        self._roomless = 0
+        self._off = False
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if self._off or now < self._next_check:
+            return
+        self._next_check = now + CHECK_SECONDS
+        try:
+            executors = self.client.list_executors()
+        except FlameError:
+            self._off = True  # a Flame that does not list its executors: nothing to tell from
+            return
+        ours = _holding(executors, self.session_id)
+        if any(e.status.state != types.ExecutorBinding for e in ours):
+            self._binding_since, self._roomless = None, 0  # a runner is up: the task waits its turn
+            return
+        if ours:
+            self._roomless = 0
+            if self._binding_since is None:
+                self._binding_since = now
+            if self.start_timeout > 0 and now - self._binding_since >= self.start_timeout:
+                raise RunnerStartTimeout(self._start_failure())
+            return
+        self._binding_since = None
+        self._roomless += 1
+        others = [e for e in executors if e.status.state in _HOLDING]
+        if not self.told and others and self._roomless >= ROOM_CHECKS:
+            self.told = True
+            self.notify(self._waiting_for_room(others))
+
+    def _start_failure(self) -> str:
+        command = "(unknown)"
+        try:
+            application = self.client.get_application(self.application)
+        except FlameError:
+            application = None
+        if application is not None:
+            command = " ".join([application.spec.command, *application.spec.arguments])
+        return (
+            f"No runner of application {self.application!r} started within {self.start_timeout:g} s "
+            f"(session {self.session_id}): Flame's executor is still starting `{command}`, and Flame 0.6 "
+            "reports nothing when that process exits before it serves. Check that this command runs on "
+            "the executors and that its Python imports flame-magic's runner (`PYTHON -c 'import "
+            "flame_magic_runner'`), and read the executor manager's log; `%flame deploy --installed "
+            "--python PATH` registers another Python. `%config FlameMagics.start_timeout` sets this limit"
+        )
+
+    def _waiting_for_room(self, others: list[types.Executor]) -> str:
+        held: dict[str, int] = {}
+        for executor in others:
+            held[executor.status.session_id] = held.get(executor.status.session_id, 0) + 1
+        mine = [(self.describe(sid), count) for sid, count in held.items()]
+        named = [f"{text} ({count} executor{'s' if count != 1 else ''})" for text, count in mine if text]
+        text = (
+            f"waiting for a free executor: the {len(others)} executor{'s' if len(others) != 1 else ''} "
+            "of Flame are in use"
+        )
+        if not named:
+            return (
+                f"{text} by other notebooks or clients; this cell starts when one is released (Flame "
+                "keeps an idle runner for its application's delay_release)."
+            )
+        return f"{text}; this notebook's sessions hold {', '.join(named)}. Close one to free it."
+
+
+class RunnerCount:
+    """The most executors Flame gave one session, from looks at most every CHECK_SECONDS."""
+
+    def __init__(self, client: FlameClient, session_id: str) -> None:
+        self.client = client
+        self.session_id = session_id
+        self.most = 0
+        self.known = False
+        self._next_check = 0.0
+        self._off = False
+
+    def sample(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if self._off or (not force and now < self._next_check):
+            return
+        self._next_check = now + CHECK_SECONDS
+        try:
+            executors = self.client.list_executors()
+        except FlameError:
+            self._off = True
+            return
+        self.known = True
+        self.most = max(self.most, len(_holding(executors, self.session_id)))
