@@ -141,21 +141,31 @@ class PendingWatch:
         )
 
     def _waiting_for_room(self, others: list[types.Executor]) -> str:
+        stuck = [e for e in others if e.status.state == types.ExecutorUnbinding]
         held: dict[str, int] = {}
         for executor in others:
-            held[executor.status.session_id] = held.get(executor.status.session_id, 0) + 1
-        mine = [(self.describe(sid), count) for sid, count in held.items()]
-        named = [f"{text} ({count} executor{'s' if count != 1 else ''})" for text, count in mine if text]
-        text = (
-            f"waiting for a free executor: the {len(others)} executor{'s' if len(others) != 1 else ''} "
-            "of Flame are in use"
-        )
-        if not named:
-            return (
-                f"{text} by other notebooks or clients; this cell starts when one is released (Flame "
-                "keeps an idle runner for its application's delay_release)."
+            if executor not in stuck:
+                held[executor.status.session_id] = held.get(executor.status.session_id, 0) + 1
+        mine = {sid: (self.describe(sid), count) for sid, count in held.items()}
+        parts = [f"{text} holds {_executors(count)}" for text, count in mine.values() if text]
+        advice = " Close one of this notebook's sessions, as shown, to free its executor." if parts else ""
+        if stuck:
+            parts.append(
+                f"{_executors(len(stuck))} being released (one that stays so ran a runner that died: "
+                "Flame 0.6 frees it only when its executor manager restarts)"
             )
-        return f"{text}; this notebook's sessions hold {', '.join(named)}. Close one to free it."
+        foreign = sum(count for text, count in mine.values() if not text)
+        if foreign:
+            parts.append(f"other notebooks or clients hold {_executors(foreign)}")
+        return (
+            f"waiting for a free executor: all {_executors(len(others))} of Flame are in use: "
+            f"{'; '.join(parts)}. This cell starts when one is free (an idle runner is kept for its "
+            f"application's delay_release).{advice}"
+        )
+
+
+def _executors(count: int) -> str:
+    return f"{count} executor{'s' if count != 1 else ''}"
 
 
 class RunnerCount:
