@@ -129,6 +129,7 @@ def follow(
     finish: Callable[[types.Task], Any],
     fail: Callable[[BaseException], BaseException],
     close: Callable[[], bool] | None = None,
+    pending: Callable[[], None] | None = None,
 ) -> BackgroundCell:
     """Follow a created task in a thread and return its handle.
 
@@ -146,6 +147,8 @@ def follow(
         handle raises (having shown it where it belongs).
     close
         Closes the cell's own session once the task ended (None: a shared session).
+    pending
+        Called while the task waits to start (see ``FlameClient.wait_task``).
     """
     stop = threading.Event()
 
@@ -158,7 +161,7 @@ def follow(
 
     def run() -> None:
         try:
-            task = client.wait_task(session_id, task_id, stop=stop)
+            task = client.wait_task(session_id, task_id, stop=stop, pending=pending)
         except WaitStopped:
             if close is not None:
                 _close_when_done(client, session_id, task_id, close)

@@ -301,12 +301,9 @@ class FlameMagics(Magics):
             or outcome.fatal is not None
             or (outcome.failure is not None and not plan.return_exceptions)
         )
-        connection = self.connection()
         if not stopped:
-            if session_id is not None and plan.key.name is None:
-                # Its runners were started for it: give their executors back for the next cells.
-                connection.close_session(session_id)
             return None if plan.into is not None else results
+        connection = self.connection()
         if session_id is not None and plan.key.name is None:
             # Cancels the items sent but not started, unless one still runs (Flame then refuses).
             connection.close_session(session_id)
@@ -381,7 +378,14 @@ class FlameMagics(Magics):
             connection.labels[session_id] = f"background `{name}`"
         label = f"{name} (cell {self.shell.execution_count})"
         self.shell.user_ns[name] = follow(
-            connection.client(), session_id, task.metadata.id, label, finish, fail, close
+            connection.client(),
+            session_id,
+            task.metadata.id,
+            label,
+            finish,
+            fail,
+            close,
+            pending=connection.pending_watch(session_id),
         )
         print(f"flmrun: running in the background; `{name}.result()` or `await {name}` gives its value.")
 

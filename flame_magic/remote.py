@@ -283,6 +283,35 @@ class Connection:
                 )
             self.forget(session_id)
 
+    def pending_watch(self, session_id: str) -> PendingWatch:
+        """What to call while a task of ``session_id`` waits (see ``FlameClient.wait_task``)."""
+        return PendingWatch(
+            self.client(),
+            session_id,
+            self.application,
+            self.start_timeout,
+            self.describe,
+            self.notify,
+            lambda: self.release_idle_maps(session_id),
+        )
+
+    def release_idle_maps(self, waiting: str) -> list[str]:
+        """Close this notebook's idle ``--map`` sessions (kept for the next map), so that a cell
+        of ``waiting`` gets their executors; return the ids closed."""
+        with self._lock:
+            candidates = [
+                v for k, v in self._keyed.items() if k.name is None and k.warm == 0 and v != waiting
+            ]
+        closed = []
+        for session_id in candidates:
+            try:
+                status = self.client().get_session(session_id).status
+            except FlameError:
+                continue
+            if not status.pending and not status.running and self.close_session(session_id):
+                closed.append(session_id)
+        return closed
+
     def describe(self, session_id: str) -> str | None:
         """How to name one of this notebook's open sessions to the user, and how to close it."""
         with self._lock:
@@ -460,9 +489,7 @@ class Connection:
         An interrupt while the task has not started stops the wait at once (see
         :meth:`_cancel_pending`).
         """
-        watch = PendingWatch(
-            client, session_id, self.application, self.start_timeout, self.describe, self.notify
-        )
+        watch = self.pending_watch(session_id)
         if live is None:
             try:
                 return client.wait_task(session_id, task_id, pending=watch)

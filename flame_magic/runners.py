@@ -72,6 +72,9 @@ class PendingWatch:
         open sessions (None otherwise).
     notify
         Shows the one-line note that the cell waits for room.
+    make_room
+        Closes this notebook's idle sessions that only a map needed, returning their ids;
+        tried once, before the cell says it waits for room.
     """
 
     def __init__(
@@ -82,6 +85,7 @@ class PendingWatch:
         start_timeout: float,
         describe: Callable[[str], str | None],
         notify: Callable[[str], None],
+        make_room: Callable[[], list[str]] | None = None,
     ) -> None:
         self.client = client
         self.session_id = session_id
@@ -89,6 +93,7 @@ class PendingWatch:
         self.start_timeout = start_timeout
         self.describe = describe
         self.notify = notify
+        self.make_room = make_room
         self.told = False
         self._next_check = 0.0
         self._binding_since: float | None = None
@@ -119,9 +124,20 @@ class PendingWatch:
         self._binding_since = None
         self._roomless += 1
         others = [e for e in executors if e.status.state in _HOLDING]
-        if not self.told and others and self._roomless >= ROOM_CHECKS:
-            self.told = True
-            self.notify(self._waiting_for_room(others))
+        if self.told or not others or self._roomless < ROOM_CHECKS:
+            return
+        if self.make_room is not None:
+            freed, self.make_room = self.make_room(), None
+            if freed:
+                self._roomless = 0
+                self.notify(
+                    f"closed this notebook's idle --map session{'s' if len(freed) != 1 else ''} "
+                    f"{', '.join(freed)} to give {'their' if len(freed) != 1 else 'its'} executors "
+                    "to this cell (the next map starts its runners anew)."
+                )
+                return
+        self.told = True
+        self.notify(self._waiting_for_room(others))
 
     def _start_failure(self) -> str:
         command = "(unknown)"

@@ -188,8 +188,8 @@ def test_waiting_for_room_is_said_once_and_one_interrupt_cancels_the_pending_cel
     assert errors and "Interrupted before the cell started" in "\n".join(errors[0]["traceback"])
     assert "was closed, which cancelled it" in "\n".join(errors[0]["traceback"])
 
-    # A map asking for more runners than there is room for is told so, and its session is
-    # closed when it ends: the next cell finds the room it used.
+    # A map asking for more runners than there is room for is told so; its session stays for
+    # the next map, until a cell of this notebook needs its executor.
     reply, outputs = run(client, "%flame close hold")
     assert "Closed session 'hold'" in text(outputs, "stdout")
     reply, outputs = run(client, "%%flmrun --map x=xs --into squares --instances 2\nx * x")
@@ -199,3 +199,5 @@ def test_waiting_for_room_is_said_once_and_one_interrupt_cancels_the_pending_cel
     assert value(outputs) == "[0, 1, 4, 9, 16, 25]"
     reply, outputs = run(client, "%%flmrun --session after\n'runs where the map ran'")
     assert reply["status"] == "ok" and value(outputs) == "'runs where the map ran'"
+    assert "closed this notebook's idle --map session" in text(outputs), text(outputs)
+    assert "waiting for a free executor" not in text(outputs)
