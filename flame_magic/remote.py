@@ -159,6 +159,7 @@ class Connection:
             self.application = application
             self._session_id = None
             self._keyed.clear()
+            self._lost.clear()
 
     @property
     def endpoint(self) -> str:
