@@ -597,6 +597,8 @@ class Connection:
                 "a new session starts."
             )
         message = failure_message(task) or "no message"
+        if not runner_lost(task):
+            raise CellFailed(f"Flame could not run the cell: {message}")
         session_id = task.spec.session_id
         self.give_up(session_id, f"Flame: {message}")
         raise CellFailed(

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from flame_magic.client import FlameClient, FlameError, SessionStartError
+from flame_magic.client import FlameClient, FlameError, SessionStartError, failure_message
 from flame_magic.protocol import types
 
 # Seconds between two looks at Flame's executors while a task waits.
@@ -29,6 +29,20 @@ CHECK_SECONDS = 1.0
 ROOM_CHECKS = 3
 # What Flame 0.6 records for a task sent to a runner process that is gone.
 REFUSED = ("Connection refused", "os error 111")
+# Words of the failure messages of a task whose call to its runner failed (the process died
+# or cannot be reached): Flame 0.6's transport errors, and the embedded Flame's own. A runner
+# that answers, even to refuse a task, says something else.
+LOST = (
+    "transport error",
+    "connection refused",
+    "connection reset",
+    "broken pipe",
+    "error trying to connect",
+    "h2 protocol",
+    "os error",
+    "application process of executor",
+    "lost contact",
+)
 # States of an executor that holds a node's resources for a session.
 _HOLDING = frozenset({types.ExecutorBinding, types.ExecutorBound, types.ExecutorUnbinding})
 
@@ -38,12 +52,15 @@ class RunnerStartTimeout(SessionStartError):
 
 
 def runner_lost(task: types.Task) -> bool:
-    """Whether a finished task failed without any answer from its runner (it died or is gone).
+    """Whether a finished task failed because the call to its runner failed (it died or is gone).
 
-    The runner answers every cell, failed ones too, with a result; Flame fails a task
-    without output only when the call to the runner itself failed.
+    The runner answers a cell that raised with a result; it answers a task it cannot run
+    with a message and no result; only a failed call leaves a transport error.
     """
-    return task.status.state == types.Failed and not (task.spec.HasField("output") and task.spec.output)
+    if task.status.state != types.Failed or (task.spec.HasField("output") and task.spec.output):
+        return False
+    message = failure_message(task).lower()
+    return any(marker in message for marker in LOST)
 
 
 def never_reached(message: str) -> bool:

@@ -116,9 +116,18 @@ def test_a_flame_that_lists_no_executors_is_left_alone(clock):
     assert not notes
 
 
-def test_failed_tasks_without_output_are_lost_runners():
-    failed = types.Task(status=types.TaskStatus(state=types.Failed))
-    answered = types.Task(spec=types.TaskSpec(output=b"x"), status=types.TaskStatus(state=types.Failed))
-    assert runners.runner_lost(failed) and not runners.runner_lost(answered)
+def failed(message: str, output: bytes | None = None) -> types.Task:
+    event = types.Event(code=3, message=message)
+    return types.Task(
+        spec=types.TaskSpec(output=output), status=types.TaskStatus(state=types.Failed, events=[event])
+    )
+
+
+def test_only_failed_calls_to_the_runner_are_lost_runners():
+    assert runners.runner_lost(failed("transport error"))
+    assert runners.runner_lost(failed("Connection refused (os error 111)"))
+    assert runners.runner_lost(failed("The application process of executor <e> (pid 3) died while running"))
+    assert not runners.runner_lost(failed("ZeroDivisionError: division by zero", output=b"result"))
+    assert not runners.runner_lost(failed("flame-magic's runner failed while running the cell: Error()"))
     assert runners.never_reached("Connection refused (os error 111)")
     assert not runners.never_reached("transport error")
