@@ -26,7 +26,7 @@ from flame_magic.fanout import NOT_DONE, MapOutcome, MapRun, Progress, item_payl
 from flame_magic.progress import ProgressDisplay
 from flame_magic.protocol import cell
 from flame_magic.remote import TASK_INPUT_LIMIT, Connection
-from flame_magic.runners import RunnerCount
+from flame_magic.runners import RunnerCount, RunnerStartTimeout
 from flame_magic.sessions import Plan, RequestError, plan
 
 # The cell body starts on the line after `%%flmrun`, and tracebacks should
@@ -260,10 +260,13 @@ class FlameMagics(Magics):
             raise CellFailed(str(exc)) from None
         progress = ProgressDisplay(self.shell, f"flmrun --map {plan.item}={plan.source}")
         runners = RunnerCount(client, session_id)
+        waiting = connection.pending_watch(session_id)
 
         def on_progress(done: Progress) -> None:
             progress.update(done)
             runners.sample()
+            if done.done == 0:
+                waiting()  # a map whose runners do not start, or that finds no room, says so
 
         run = MapRun(
             client,
@@ -277,6 +280,9 @@ class FlameMagics(Magics):
         )
         try:
             outcome = run.run()
+        except RunnerStartTimeout as exc:
+            connection.close_session(session_id)
+            raise CellFailed(f"{exc}. The map's session was closed.") from None
         finally:
             progress.close()
         runners.sample(force=True)

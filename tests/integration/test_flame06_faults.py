@@ -128,6 +128,9 @@ def test_a_runner_that_cannot_start_fails_the_first_cell_in_bounded_time(flame06
     message = traceback(reply)
     assert "No runner of application 'broken' started within 2 s" in message
     assert "/bin/sh -c exit 1" in message and "import flame_magic_runner" in message
+    reply, _ = run(client, "xs = [1, 2]")
+    reply, _ = run(client, "%%flmrun --map x=xs\nx")
+    assert reply["status"] == "error" and "No runner of application 'broken'" in traceback(reply)
 
     # deploy checks that the Python it registers imports the runner.
     bare = tmp_path / "bare"
