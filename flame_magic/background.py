@@ -133,6 +133,7 @@ def follow(
     fail: Callable[[BaseException], BaseException],
     close: Callable[[], bool] | None = None,
     live: LiveChannel | None = None,
+    pending: Callable[[], None] | None = None,
 ) -> BackgroundCell:
     """Follow a created task in a thread and return its handle.
 
@@ -152,6 +153,8 @@ def follow(
         Closes the cell's own session once the task ended (None: a shared session).
     live
         The cell's live channel: what it shows while it runs is shown as it comes.
+    pending
+        Called while the task waits to start (see ``FlameClient.wait_task``).
     """
     stop = threading.Event()
 
@@ -164,7 +167,9 @@ def follow(
 
     def run() -> None:
         try:
-            task = client.wait_task(session_id, task_id, stop=stop, tick=live.poll if live else None)
+            task = client.wait_task(
+                session_id, task_id, stop=stop, tick=live.poll if live else None, pending=pending
+            )
             if live is not None:
                 live.finish()  # the rest of what it streamed, before what came with its result
         except WaitStopped:

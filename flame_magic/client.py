@@ -190,6 +190,11 @@ class FlameClient:
             raise self._error(exc, "list nodes") from None
         return list(reply.nodes)
 
+    def list_executors(self) -> list[types.Executor]:
+        """Flame's executors: which session each is bound to, and its state."""
+        reply = self._call("ListExecutor", frontend.ListExecutorRequest(), "list executors")
+        return list(reply.executors)  # type: ignore[attr-defined]
+
     def register_application(self, name: str, spec: types.ApplicationSpec) -> None:
         request = frontend.RegisterApplicationRequest(name=name, application=spec)
         self._check(self._call("RegisterApplication", request, f"register application {name!r}"))
@@ -276,6 +281,7 @@ class FlameClient:
         task_id: str,
         stop: threading.Event | None = None,
         tick: Callable[[], None] | None = None,
+        pending: Callable[[], None] | None = None,
     ) -> types.Task:
         """Follow a task to its terminal state and return it, with its events if it failed.
 
@@ -283,7 +289,9 @@ class FlameClient:
         application that cannot start fails the wait instead of hanging it.
         When ``stop`` is set, the wait ends (within a second) with :class:`WaitStopped`.
         ``tick``, if given, is called about every :data:`TICK_SECONDS` while the task runs
-        (the notebook shows the cell's live output with it).
+        (the notebook shows the cell's live output with it). ``pending``, if given, is
+        called after each slice in which the task was still Pending; what it raises ends
+        the wait (see :class:`flame_magic.runners.PendingWatch`).
         """
         started_ms = int(time.time() * 1000) - 1000
         for attempt in itertools.count():
@@ -303,6 +311,8 @@ class FlameClient:
                 return task
             if task is None or task.status.state == types.Pending:
                 self._raise_if_session_cannot_start(session_id, started_ms)
+                if pending is not None:
+                    pending()
         raise AssertionError("unreachable")
 
     def _watch_slice(self, session_id: str, task_id: str, seconds: float) -> types.Task | None:

@@ -23,6 +23,8 @@ import importlib.metadata
 import io
 import os
 import re
+import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -295,6 +297,44 @@ def choose_spec(
         "Say how the executors get flame-magic's runner: `%flame deploy --url file:///shared/dir/` "
         "builds the package into a directory every executor reads at the same path and lets Flame "
         "install it; `%flame deploy --installed [--python PYTHON]` runs a runner installed there."
+    )
+
+
+def executors_here(endpoint: str, embedded: bool) -> bool:
+    """Whether the executors of the Flame at ``endpoint`` run on this machine (loopback)."""
+    if embedded or endpoint.startswith("unix:"):
+        return True
+    return urlsplit(endpoint).hostname in ("127.0.0.1", "localhost", "::1")
+
+
+def check_python(python: str) -> str | None:
+    """Why ``python``, on this machine, cannot run flame-magic's runner; None when it can.
+
+    A runner whose Python lacks flame-magic exits before it serves, and Flame 0.6 then
+    leaves its executor starting for ever: this is the check to make before registering.
+    A name not found on this machine is not judged (the executors may have another PATH).
+    """
+    found = shutil.which(python)
+    if found is None:
+        if os.path.isabs(python):
+            return f"{python} does not exist on this machine: name the executors' Python with --python PATH."
+        return None
+    try:
+        done = subprocess.run(
+            [found, "-c", f"import {RUNNER_MODULE}"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=120,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"Cannot run {python} to check that it has flame-magic's runner: {exc}"
+    if done.returncode == 0:
+        return None
+    lines = done.stderr.decode("utf-8", errors="replace").strip().splitlines()
+    why = lines[-1] if lines else f"exit code {done.returncode}"
+    return (
+        f"{python} cannot import flame-magic's runner ({why}): install flame-magic into that Python "
+        f"(`{python} -m pip install flame-magic`), or name another one with --python PATH."
     )
 
 

@@ -24,10 +24,11 @@ from flame_magic.capture import ShipError, analyse, pack
 from flame_magic.client import FlameError, SessionGoneError, SessionStartError
 from flame_magic.config import ConfigError, Target, resolve, target_for
 from flame_magic.errors import CellFailed, MapInterrupted, add_note
-from flame_magic.fanout import NOT_DONE, MapOutcome, MapRun, item_payloads, iter_item_payloads
+from flame_magic.fanout import NOT_DONE, MapOutcome, MapRun, Progress, item_payloads, iter_item_payloads
 from flame_magic.progress import ProgressDisplay
 from flame_magic.protocol import cell
 from flame_magic.remote import TASK_INPUT_LIMIT, Connection, LiveChannel
+from flame_magic.runners import RunnerCount, RunnerStartTimeout
 from flame_magic.sessions import Plan, RequestError, plan, take_map_option
 
 # The cell body starts on the line after `%%flmrun`, and tracebacks should
@@ -63,6 +64,12 @@ class FlameMagics(Magics):
         config=True
     )
     connect_timeout = Float(10.0, help="Seconds to wait for the Flame session manager.").tag(config=True)
+    start_timeout = Float(
+        60.0,
+        help="Seconds a new session's runner may take to start before its cell fails, naming the "
+        "application's command (0: wait for ever). Flame 0.6 reports nothing when a runner process "
+        "exits before it serves.",
+    ).tag(config=True)
     interrupt_grace = Float(
         5.0,
         help="Seconds an interrupted cell may take to stop before its runner is stopped (and replaced).",
@@ -100,6 +107,7 @@ class FlameMagics(Magics):
             self._connection = self._new_connection(target)
         elif self._connection.requested != self.application:
             self._connection.use_application(self.application)
+        self._connection.start_timeout = self.start_timeout
         return self._connection
 
     def _new_connection(self, target: Target) -> Connection:
@@ -323,6 +331,14 @@ class FlameMagics(Magics):
         except FlameError as exc:
             raise CellFailed(str(exc)) from None
         progress = ProgressDisplay(self.shell, f"flmrun --map {plan.item}={plan.source}")
+        runners = RunnerCount(client, session_id)
+        waiting = connection.pending_watch(session_id)
+
+        def on_progress(done: Progress) -> None:
+            progress.update(done)
+            runners.sample()
+            if done.done == 0:
+                waiting()  # a map whose runners do not start, or that finds no room, says so
 
         def show(output: cell.Output) -> None:
             progress.close()  # in a terminal, an item's output starts below the progress line
@@ -339,14 +355,26 @@ class FlameMagics(Magics):
             result_of=connection.result_of,
             value_of=self._value_of,
             stop_at_failure=not plan.return_exceptions,
-            on_progress=progress.update,
+            on_progress=on_progress,
             show=show,
             live=live if channel else None,
         )
         try:
             outcome = run.run()
+        except RunnerStartTimeout as exc:
+            connection.close_session(session_id)
+            raise CellFailed(f"{exc}. The map's session was closed.") from None
         finally:
             progress.close()
+        runners.sample(force=True)
+        wanted = min(plan.key.instances, len(outcome.results))
+        if runners.known and runners.most < wanted:
+            print(
+                f"flmrun: --map asked Flame for {wanted} runners and got {runners.most} (the cluster's "
+                "other executors were in use, or the items were done before more started); "
+                "`%flame status` shows this notebook's sessions.",
+                file=sys.stderr,
+            )
         return self._map_results(plan, outcome, session_id, items)
 
     def _map_results(self, plan: Plan, outcome: MapOutcome, session_id: str | None, items: list[Any]) -> Any:
@@ -447,7 +475,15 @@ class FlameMagics(Magics):
             connection.labels[session_id] = f"background `{name}`"
         label = f"{name} (cell {self._prompt_number()})"
         self.shell.user_ns[name] = follow(
-            connection.client(), session_id, task.metadata.id, label, finish, fail, close, live
+            connection.client(),
+            session_id,
+            task.metadata.id,
+            label,
+            finish,
+            fail,
+            close,
+            live,
+            pending=connection.pending_watch(session_id),
         )
         print(f"flmrun: running in the background; `{name}.result()` or `await {name}` gives its value.")
 
@@ -691,10 +727,21 @@ class FlameMagics(Magics):
             if connection.close_session(session_id):
                 print(f"Closed session {name!r} ({session_id}).")
             else:
-                print(f"Flame keeps session {name!r} ({session_id}) open while a task runs; close it later.")
+                print(
+                    f"Flame refused to close session {name!r} ({session_id}): a task runs there. It stays "
+                    f"open, with its values; run `%flame close {name}` again once it has ended."
+                )
             return
-        closed = self.connection().close_sessions()
-        print(f"Closed {len(closed)} session(s): {', '.join(closed)}" if closed else "No open sessions.")
+        outcome = self.connection().close_all()
+        if outcome.closed:
+            print(f"Closed {len(outcome.closed)} session(s): {', '.join(outcome.closed)}.")
+        for session_id, reason in outcome.refused.items():
+            print(
+                f"Flame refused to close session {session_id} ({reason}): a task runs there. It stays "
+                "open, with its values in the object cache; run `%flame close` again once it has ended."
+            )
+        if not outcome.closed and not outcome.refused:
+            print("No open sessions.")
 
     def _connect(self, name: str | None, ca_file: str | None) -> None:
         target = target_for(name, ca_file) if name else resolve()
@@ -723,6 +770,18 @@ class FlameMagics(Magics):
             )
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        if not spec.HasField("url"):
+            if deploy.executors_here(client.endpoint, connection.target.embedded):
+                problem = deploy.check_python(spec.command)
+                if problem:
+                    raise UsageError(problem)
+            else:
+                print(
+                    f"flmrun: cannot check from here that {spec.command} on the executors imports "
+                    "flame_magic_runner; if it cannot, the first cell fails after "
+                    f"FlameMagics.start_timeout ({self.start_timeout:g} s).",
+                    file=sys.stderr,
+                )
         if connection.application == name and deploy.would_change(client, name, spec):
             connection.close_sessions()  # Flame updates only an application without open sessions
         done = deploy.deploy(client, name, spec)

@@ -32,7 +32,8 @@ from flame_magic.deploy import check_application, is_stock_runner
 from flame_magic.errors import CellFailed
 from flame_magic.modules import Environment
 from flame_magic.protocol import MAX_MESSAGE_BYTES, cell, types
-from flame_magic.sessions import DEFAULT, RequestError, SessionKey, fits
+from flame_magic.runners import PendingWatch, RunnerStartTimeout, never_reached, runner_lost
+from flame_magic.sessions import DEFAULT, Closing, RequestError, SessionKey, fits
 from flame_magic.stock import PythonMismatch, ensure_python_copy, python_copy_name
 from flame_magic.transfer import Shipper, blobs
 
@@ -173,7 +174,10 @@ class Connection:
         self._backends: dict[str, Backend] = {}
         self._applications: dict[str, str] = {}
         self._python_copies: dict[str, str] = {}  # configured application -> its copy in use
-        self._lost: dict[SessionKey, str] = {}  # sessions whose runner stopped, by what they were for
+        # Why a key's last session was given up (its runner died): said once, by the next cell.
+        self._lost: dict[SessionKey, str] = {}
+        #: Seconds a new session's runner may take to come up (0: no limit); see PendingWatch.
+        self.start_timeout = 60.0
         #: Called with a note for the user (the magics print it), e.g. when a session was replaced.
         self.notify: Callable[[str], None] = lambda message: None
         #: The notebook's modules and the packages cells need (see flame_magic.modules).
@@ -194,6 +198,7 @@ class Connection:
             self._application = application or None
             self._session_id = None
             self._keyed.clear()
+            self._lost.clear()
 
     @property
     def endpoint(self) -> str:
@@ -324,30 +329,78 @@ class Connection:
             if key == DEFAULT:
                 if self._session_id is None:
                     self._session_id = self.open_session(key)
-                    self._say_lost(key, self._session_id)
+                    self._tell_lost(key, self._session_id)
                 return self._session_id
             if key not in self._keyed:
                 self._keyed[key] = self.open_session(key)
-                self._say_lost(key, self._keyed[key])
+                self._tell_lost(key, self._keyed[key])
             return self._keyed[key]
 
-    def _lose(self, session_id: str) -> None:
-        """Stop reusing a session whose runner stopped; the next cell for it says what was lost."""
+    def _tell_lost(self, key: SessionKey, session_id: str) -> None:
+        note = self._lost.pop(key, None)
+        if note is not None:
+            self.notify(f"{note}; this cell runs in a new session, {session_id}.")
+
+    def give_up(self, session_id: str, reason: str) -> None:
+        """Never use ``session_id`` again: its runner died (Flame 0.6 keeps sending it tasks).
+
+        The next cell for the same key (default, ``--session NAME``...) opens a new
+        session and says, once, that what the runner held is gone.
+        """
+        reason = reason.strip().splitlines()[0] if reason.strip() else "no reason given"
         with self._lock:
             keys = [k for k, v in self._keyed.items() if v == session_id]
             if self._session_id == session_id:
                 keys.append(DEFAULT)
             for key in keys:
-                self._lost[key] = session_id
-        self.forget(session_id)
+                name = f"{key.name!r} ({session_id})" if key.name else session_id
+                self._lost[key] = (
+                    f"the runner of session {name} died ({reason}): what earlier cells left on it "
+                    "(imports, definitions) is gone"
+                )
+            self.forget(session_id)
 
-    def _say_lost(self, key: SessionKey, session_id: str) -> None:
-        gone = self._lost.pop(key, None)
-        if gone is not None:
-            self.notify(
-                f"The runner of session {gone} stopped; this cell runs in a new session, {session_id}: "
-                "what earlier cells left on the runner (imports, definitions) is gone."
-            )
+    def pending_watch(self, session_id: str) -> PendingWatch:
+        """What to call while a task of ``session_id`` waits (see ``FlameClient.wait_task``)."""
+        return PendingWatch(
+            self.client(),
+            session_id,
+            self.application,
+            self.start_timeout,
+            self.describe,
+            self.notify,
+            lambda: self.release_idle_maps(session_id),
+        )
+
+    def release_idle_maps(self, waiting: str) -> list[str]:
+        """Close this notebook's idle ``--map`` sessions (kept for the next map), so that a cell
+        of ``waiting`` gets their executors; return the ids closed."""
+        with self._lock:
+            candidates = [
+                v for k, v in self._keyed.items() if k.name is None and k.warm == 0 and v != waiting
+            ]
+        closed = []
+        for session_id in candidates:
+            try:
+                status = self.client().get_session(session_id).status
+            except FlameError:
+                continue
+            if not status.pending and not status.running and self.close_session(session_id):
+                closed.append(session_id)
+        return closed
+
+    def describe(self, session_id: str) -> str | None:
+        """How to name one of this notebook's open sessions to the user, and how to close it."""
+        with self._lock:
+            if session_id not in self.session_ids:
+                return None
+            if self._session_id == session_id:
+                return f"the default session {session_id} (`%flame close`)"
+            key = next((k for k, v in self._keyed.items() if v == session_id), None)
+            if key is not None and key.name is not None:
+                return f"session {key.name!r} {session_id} (`%flame close {key.name}`)"
+            label = self.labels.get(session_id)
+            return f"{label} {session_id}" if label else session_id
 
     def open_session(self, key: SessionKey) -> str:
         """Open a new Flame session as ``key`` describes (not remembered for reuse: see :meth:`session`).
@@ -487,6 +540,36 @@ class Connection:
         client = self.client()
         if self.cache() is None:  # refused before a session (and a runner) is started for it
             check_size(request, TASK_INPUT_LIMIT, no_cache=True)
+        task, session_id = self._run_once(client, request, key, show, grace)
+        if runner_lost(task) and never_reached(failure_message(task)):
+            # The cell never reached a runner: the session's runner had died before. Once, in a new one.
+            shipper = self._shippers.pop(session_id, None)  # its values are this cell's inputs
+            self.give_up(session_id, f"Flame: {failure_message(task)}")
+            self._close_quietly(session_id)
+            fresh = self.session(key)
+            if shipper is not None:
+                with self._lock:
+                    self._shippers.setdefault(fresh, shipper)
+            task, session_id = self._run_once(self.client(), request, key, show, grace)
+        if runner_lost(task):
+            self._close_quietly(session_id)  # cancels what waits there, unless a task still runs
+        return self._result(task)
+
+    def _close_quietly(self, session_id: str) -> None:
+        try:
+            self.client().close_session(session_id)
+        except FlameError:
+            pass  # another task runs there: the session is closed with the others, later
+
+    def _run_once(
+        self,
+        client: FlameClient,
+        request: cell.CellRequest,
+        key: SessionKey,
+        show: Callable[[cell.Output], None] | None,
+        grace: float,
+    ) -> tuple[types.Task, str]:
+        """Create the cell's task in the session for ``key`` and wait for it to end."""
         session_id = self.session(key)
         self._allow_cache(request, session_id)
         live = self._live(request, session_id, show)
@@ -515,6 +598,9 @@ class Connection:
             task = client.create_task(session_id, data)
         try:
             task = self._wait(client, session_id, task.metadata.id, live, grace)
+        except RunnerStartTimeout as exc:
+            self._abandon(session_id)
+            raise CellFailed(f"{exc}. The session was closed.") from None
         except SessionStartError as exc:
             self._abandon(session_id)
             raise CellFailed(
@@ -530,7 +616,7 @@ class Connection:
             if not self._drop_stopped_embedded("the next cell starts a new one", wait=1.0):
                 raise
             raise CellFailed("The cell did not finish: the embedded Flame stopped while it ran.") from None
-        return self._result(task)
+        return task, session_id
 
     def _live(
         self, request: cell.CellRequest, session_id: str, show: Callable[[cell.Output], None] | None
@@ -560,24 +646,32 @@ class Connection:
     def _wait(
         self, client: FlameClient, session_id: str, task_id: str, live: LiveChannel | None, grace: float
     ) -> types.Task:
-        """Wait for the task, showing its live output; an interrupt is passed on to the runner."""
+        """Wait for the task, showing its live output; an interrupt is passed on to the runner.
+
+        An interrupt while the task has not started stops the wait at once (see
+        :meth:`_cancel_pending`).
+        """
+        watch = self.pending_watch(session_id)
         if live is None:
             try:
-                return client.wait_task(session_id, task_id)
+                return client.wait_task(session_id, task_id, pending=watch)
             except KeyboardInterrupt:
+                self._cancel_pending(session_id, task_id)
                 raise CellFailed(
                     "Interrupted: this notebook stopped waiting, but the remote cell could not be "
                     "interrupted (no object cache to reach its runner) and keeps running there; the "
-                    "next cell of this session starts when it ends. `%flame close` stops it."
+                    "next cell of this session waits until it ends (Flame closes no session while a "
+                    "task runs in it)."
                 ) from None
         try:
             while True:
                 try:
-                    task = client.wait_task(session_id, task_id, tick=live.poll)
+                    task = client.wait_task(session_id, task_id, tick=live.poll, pending=watch)
                     break
                 except KeyboardInterrupt:
                     if live.interrupted:
                         raise  # a second interrupt: stop waiting
+                    self._cancel_pending(session_id, task_id)
                     try:
                         live.interrupt(grace)
                     except CacheError as exc:
@@ -588,14 +682,38 @@ class Connection:
         finally:
             live.finish()  # the last of the output
         if live.interrupted and task.status.state != types.Succeed and not task.spec.output:
-            if self.backend(session_id) is not OWN_RUNNER:
-                self._lose(session_id)  # Flame does not start a new runner for a broken session
+            self.give_up(session_id, "stopped after it ignored an interrupt")
+            self._close_quietly(session_id)
             raise CellFailed(
                 f"Interrupted: the cell ignored the interrupt for {grace:g} s, so its runner was "
                 "stopped; what it held (imports, definitions) is gone: the next cell starts on a "
                 "fresh runner."
             )
         return task
+
+    def _cancel_pending(self, session_id: str, task_id: str) -> None:
+        """After an interrupt: if the task has not started, stop waiting for it now.
+
+        Flame cannot cancel one task; closing its session cancels it, so the session is
+        closed when no other task runs there, and left open (the task then runs later,
+        unseen) otherwise. Raises CellFailed saying which; returns when the task runs.
+        """
+        try:
+            if self.client().get_task(session_id, task_id).status.state != types.Pending:
+                return
+            running = self.client().get_session(session_id).status.running
+        except FlameError:
+            return
+        if not running and self.close_session(session_id):
+            raise CellFailed(
+                f"Interrupted before the cell started: its session {session_id} was closed, which "
+                "cancelled it. The next cell opens a new session."
+            )
+        raise CellFailed(
+            f"Interrupted before the cell started: it stays queued in session {session_id}, behind "
+            "a task that runs there, and will run when that ends, unseen (Flame cannot cancel one "
+            "task, nor close a session while a task runs in it)."
+        )
 
     def session_shipper(self, session_id: str) -> Shipper:
         """How values reach ``session_id`` (a session opened with :meth:`open_session`)."""
@@ -673,16 +791,14 @@ class Connection:
                 "a new session starts."
             )
         message = failure_message(task) or "no message"
-        if backend is not OWN_RUNNER:
-            self._lose(session_id)  # its runner may be gone, and Flame does not start another
-            raise CellFailed(
-                f"Flame could not run the cell: {message}. If the runner process stopped (a cell that "
-                "ignores its timeout or an interrupt is stopped so), what it held (imports, "
-                "definitions) is gone: the next cell opens a new session."
-            )
+        if not runner_lost(task):
+            raise CellFailed(f"Flame could not run the cell: {message}")
+        session_id = task.spec.session_id
+        self.give_up(session_id, f"Flame: {message}")
         raise CellFailed(
-            f"Flame could not run the cell: {message}. If the runner process died, what it held "
-            "(imports, definitions) is gone: the next cell starts on a fresh runner."
+            f"The runner of session {session_id} did not answer (its process died): what it held "
+            "(imports, definitions) is gone, and the next cell opens a new session. Flame says: "
+            f"{message}"
         )
 
     def session_gone(self, session_id: str) -> bool:
@@ -745,21 +861,32 @@ class Connection:
         return infos
 
     def close_sessions(self) -> list[str]:
-        """Close this notebook's open sessions; return the ids closed."""
-        closed = []
+        """Close this notebook's open sessions; return the ids closed (see :meth:`close_all`)."""
+        return self.close_all().closed
+
+    def close_all(self) -> Closing:
+        """Close this notebook's open sessions, and say which Flame refused to close.
+
+        A session Flame keeps open (a task runs there) stays in use, with its values in
+        the object cache: the running task may still need them.
+        """
+        outcome = Closing()
         for info in self.sessions():
             if info.state == "Open":
                 try:
                     self._client.close_session(info.session_id)  # type: ignore[union-attr]
-                    closed.append(info.session_id)
-                except FlameError:
-                    continue  # closed meanwhile, or a task still runs: Flame keeps it open
-            if info.state == "Open" or info.session_id in self._shippers:
+                except FlameError as exc:
+                    if not self._session_gone(info.session_id):
+                        outcome.refused[info.session_id] = str(exc).rsplit(": ", 1)[-1]
+                        continue
+                outcome.closed.append(info.session_id)
+            if info.session_id in self._shippers:
                 self._delete_objects(info.session_id)
-        with self._lock:
-            self._session_id = None
-            self._keyed.clear()
-        return closed
+        with self._lock:  # every session but those Flame kept open is opened anew when next needed
+            if self._session_id not in outcome.refused:
+                self._session_id = None
+            self._keyed = {k: v for k, v in self._keyed.items() if v in outcome.refused}
+        return outcome
 
     def shutdown(self) -> None:
         """Close the sessions and stop the embedded Flame, if this notebook started one."""

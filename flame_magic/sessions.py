@@ -10,8 +10,8 @@ This module only describes and validates requests; it does not talk to Flame.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from flame_magic.protocol import types
@@ -188,6 +188,14 @@ class SessionKey:
 
 
 DEFAULT = SessionKey()
+
+
+@dataclass
+class Closing:
+    """What ``%flame close`` did: the sessions closed, and those Flame kept open, with its reason."""
+
+    closed: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)
 
 
 def fits(resources: Resources, nodes: list[types.Node]) -> str | None:

@@ -59,6 +59,17 @@ BIND_ENTER_FAILED = 12
 
 _VAR = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 
+# FLAME_EMBEDDED_FAULTS=flame-0.6 makes the embedded Flame fail as Flame 0.6 does, so that a
+# client's handling of a real cluster can be tested here: a process that exits before its
+# socket leaves its executor Binding, and one that dies keeps its session (see session_manager).
+FAULTS_VARIABLE = "FLAME_EMBEDDED_FAULTS"
+FLAME_06 = "flame-0.6"
+
+
+def like_flame_06() -> bool:
+    """Whether to fail as Flame 0.6 does (off unless ``FLAME_EMBEDDED_FAULTS=flame-0.6``)."""
+    return os.environ.get(FAULTS_VARIABLE, "") == FLAME_06
+
 
 def kill_all_groups(sig: int = signal.SIGKILL) -> None:
     """Send ``sig`` to every launched process group that has not been reaped yet."""
@@ -317,6 +328,8 @@ class Instance:
         delay = 0.001
         while not self.socket_path.exists():
             if self._proc.returncode is not None:
+                if like_flame_06():
+                    await asyncio.Event().wait()  # Flame 0.6 waits for the socket for ever, silently
                 raise BindError(self._died_message("before creating its socket"))
             if loop.time() > deadline:
                 raise BindError(

@@ -34,7 +34,7 @@ import grpc
 
 from flame_magic import protocol
 from flame_magic.embedded.apps import default_applications
-from flame_magic.embedded.executor import BindError, Instance, InvokeError
+from flame_magic.embedded.executor import BindError, Instance, InvokeError, like_flame_06
 from flame_magic.embedded.installer import Installer
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,12 @@ EVENT_NO_EXECUTOR = 1101  # closed sessions kept for Get/List before the oldest 
 
 _ALNUM = string.ascii_letters + string.digits
 _TERMINAL = protocol.TERMINAL_TASK_STATES
+
+
+def node_cpus() -> int:
+    """This node's CPUs, as reported (``FLAME_EMBEDDED_CPUS`` overrides, e.g. to test a small cluster)."""
+    given = os.environ.get("FLAME_EMBEDDED_CPUS", "")
+    return int(given) if given.isdigit() and int(given) > 0 else (os.cpu_count() or 1)
 
 
 def now_ms() -> int:
@@ -505,6 +511,9 @@ class SessionManager:
             running = sum(1 for i in ssn.instances if i.id in self._running)
             wanted = max(ssn.spec.min_instances, (len(ssn.pending) + running) // batch * batch)
             room = self._instance_limit(ssn) // batch * batch
+            if like_flame_06():  # Flame places executors within the nodes' CPUs, a session at a time
+                free = self._free_cpus() // max(1, ssn.spec.resreq.cpu)
+                room = min(room, len(ssn.instances) + free // batch * batch)
             for _ in range(min(wanted, room) - len(ssn.instances)):
                 self._launch(ssn)
         if len(ssn.instances) > ssn.spec.min_instances:
@@ -535,6 +544,12 @@ class SessionManager:
             log.warning("session %s: %s", ssn.id, message)
             ssn.events.append(_event(EVENT_NO_EXECUTOR, message))
         return False
+    def _free_cpus(self) -> int:
+        used = 0
+        for inst in self.executors.values():
+            ssn = self.sessions.get(inst.session_id)
+            used += ssn.spec.resreq.cpu if ssn is not None else DEFAULT_RESREQ.cpu
+        return node_cpus() - used
 
     def _arm_idle_timer(self, ssn: SessionRecord, inst: Instance) -> None:
         app = self.applications.get(ssn.spec.application)
@@ -563,13 +578,19 @@ class SessionManager:
         self._spawn(self._run_task(ssn, inst, task))
 
     async def _run_task(self, ssn: SessionRecord, inst: Instance, task: TaskRecord) -> None:
+        if inst.returncode is not None and like_flame_06():
+            # Flame 0.6 keeps the executor bound to a dead process and sends it every task.
+            del self._running[inst.id]
+            self._set_state(ssn, task, types.Failed, "Connection refused (os error 111)")
+            self._schedule(ssn)
+            return
         try:
             result = await inst.invoke(task.id, ssn.id, task.input)
         except InvokeError as err:
             log.warning("task %s/%s failed: %s", ssn.id, task.id, err.message)
             del self._running[inst.id]
             self._set_state(ssn, task, types.Failed, err.message)
-            if err.lost:
+            if err.lost and not like_flame_06():
                 if inst in ssn.instances:
                     ssn.instances.remove(inst)
                 self._retire(inst, leave=False)
@@ -662,6 +683,10 @@ class SessionManager:
                 await inst.release(leave=leave, leave_timeout=leave_timeout)
             finally:
                 self.executors.pop(inst.id, None)
+            if like_flame_06():  # its CPUs are free: sessions that waited for room get them
+                for waiting in list(self.sessions.values()):
+                    if waiting.pending:
+                        self._schedule(waiting)
 
         self._spawn(release())
 
@@ -700,7 +725,7 @@ class SessionManager:
             memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         except (ValueError, OSError, AttributeError):
             memory = 0
-        capacity = types.ResourceRequirement(cpu=os.cpu_count() or 1, memory=memory, gpu=0)
+        capacity = types.ResourceRequirement(cpu=node_cpus(), memory=memory, gpu=0)
         return types.Node(
             metadata=types.Metadata(id=self.node_name, name=self.node_name),
             spec=types.NodeSpec(hostname=self.node_name),

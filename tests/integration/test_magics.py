@@ -146,7 +146,7 @@ def test_dead_runner_fails_the_cell_and_the_next_cell_gets_a_fresh_one(run, shel
     died = run("%%flmrun\nimport os\nos._exit(7)")
     assert isinstance(died.error, CellFailed)
     assert "died" in str(died.error) or "exit" in str(died.error)
-    assert "fresh runner" in str(died.error)
+    assert "the next cell opens a new session" in str(died.error)
     after = run("%%flmrun\nimport os\nos.getpid()")
     assert after.error is None and after.value != first
     assert shell.user_ns["kept_locally"] == "still here"

@@ -30,7 +30,7 @@ def test_recorder_take_gives_each_output_once_in_order():
 
 def test_interrupt_without_a_cache_stops_waiting_with_a_clear_message():
     class Client:
-        def wait_task(self, session_id, task_id, stop=None, tick=None):
+        def wait_task(self, session_id, task_id, stop=None, tick=None, pending=None):
             raise KeyboardInterrupt
 
     connection = Connection(EMBEDDED, "flmrun", 1.0)
