@@ -483,14 +483,20 @@ def test_close_cancels_pending_tasks_and_tells_watchers(stub: protocol.FrontendS
     assert task.status.state == types.Cancelled and task.status.HasField("completion_time")
 
 
-def test_close_with_running_task_is_refused(stub: protocol.FrontendStub, echo_app: str) -> None:
+def test_close_with_running_task_is_refused(
+    stub: protocol.FrontendStub, echo_app: str, tmp_path: Path
+) -> None:
     sid = open_session(stub, echo_app)
-    task = stub.CreateTask(fe.CreateTaskRequest(task=types.TaskSpec(session_id=sid, input=b"sleep:1.5")))
+    gate = tmp_path / "go-on"
+    task = stub.CreateTask(
+        fe.CreateTaskRequest(task=types.TaskSpec(session_id=sid, input=f"wait:{gate}".encode()))
+    )
     tid = task.metadata.id
-    stream = stub.WatchTask(fe.WatchTaskRequest(session_id=sid, task_id=tid))
+    stream = stub.WatchTask(fe.WatchTaskRequest(session_id=sid, task_id=tid), timeout=90)
     assert next(m for m in stream if m.status.state == types.Running)
     refused = rpc_error(lambda: stub.CloseSession(fe.CloseSessionRequest(session_id=sid)))
     assert refused.code() == CODE.INTERNAL and refused.details() == "Cannot close session with running tasks"
+    gate.touch()  # the task ends only now: it was running when the close was refused
     assert [m.status.state for m in stream] == [types.Succeed]
     assert stub.CloseSession(fe.CloseSessionRequest(session_id=sid)).status.state == types.Closed
 

@@ -32,17 +32,22 @@ def _session(shell, label_part: str):
     return infos[0]
 
 
-def test_map_collects_results_in_input_order_across_runners(run, shell):
-    # The first items are the slowest: they finish after later ones.
-    shell.user_ns["delays"] = [0.4, 0.3, 0.0, 0.0, 0.1, 0.0, 0.0, 0.0, 0.05, 0.0]
+def test_map_collects_results_in_input_order_across_runners(run, shell, tmp_path):
+    # The first item finishes last: it waits until another runner has run an item.
+    shell.user_ns["delays"] = list(range(10))
     shell.user_ns["scale"] = 10
+    shell.user_ns["meeting"] = str(tmp_path)
     ran = run(
         "%%flmrun --map d=delays --into out --instances 2\n"
-        "import os, time\ntime.sleep(d)\n(d * scale, os.getpid())"
+        "import os, time\nopen(os.path.join(meeting, str(os.getpid())), 'w').close()\n"
+        "deadline = time.monotonic() + 60  # a guard against a hang\n"
+        "while d == 0 and len(os.listdir(meeting)) < 2 and time.monotonic() < deadline:\n"
+        "    time.sleep(0.02)\n"
+        "(d * scale, os.getpid())"
     )
     assert ran.error is None, ran.error
     out = shell.user_ns["out"]
-    assert [value for value, _ in out] == [d * 10 for d in shell.user_ns["delays"]]
+    assert [value for value, _ in out] == [d * 10 for d in range(10)]
     assert len({pid for _, pid in out}) == 2  # two runner instances shared the items
     assert ran.value is None  # with --into the cell shows nothing
     assert re.search(r"flmrun --map d=delays: 10/10 done, [\d,]+ items/s", ran.stderr)
@@ -62,12 +67,19 @@ def test_map_without_into_is_the_cells_value_and_names_stay_put(run, shell):
     assert shell.user_ns["empty"] == []
 
 
-def test_first_failure_is_raised_naming_the_item_and_finished_results_are_kept(run, shell):
+def test_first_failure_is_raised_naming_the_item_and_finished_results_are_kept(run, shell, tmp_path):
     shell.user_ns["xs"] = list(range(12))
+    # Items from 6 on wait for the test to let them go on, after the map has stopped.
+    gate = tmp_path / "go-on"
+    shell.user_ns["gate"] = str(gate)
     ran = run(
         "%%flmrun --map x=xs --into out --instances 2\n"
-        "import time\ntime.sleep(0.05)\nif x == 3:\n    raise ValueError(f'bad {x}')\nx * 10"
+        "import os, time\ndeadline = time.monotonic() + 60  # a guard against a hang\n"
+        "while x >= 6 and not os.path.exists(gate) and time.monotonic() < deadline:\n"
+        "    time.sleep(0.02)\n"
+        "if x == 3:\n    raise ValueError(f'bad {x}')\nx * 10"
     )
+    gate.touch()
     assert isinstance(ran.error, RemoteError) and isinstance(ran.error, ValueError)
     rendered = "\n".join(ran.error._render_traceback_())
     assert "raise ValueError(f'bad {x}')" in rendered
@@ -76,7 +88,7 @@ def test_first_failure_is_raised_naming_the_item_and_finished_results_are_kept(r
     assert len(out) == 12 and out[3] is ran.error
     assert out[0] == 0 and out[1] == 10
     assert all(value == 10 * i or value is NOT_DONE for i, value in enumerate(out) if i != 3)
-    assert NOT_DONE in out  # it stopped: not every item ran
+    assert out[6:] == [NOT_DONE] * 6  # it stopped: it did not wait for the items still running
 
 
 def test_return_exceptions_puts_failures_in_place(run, shell):
