@@ -114,6 +114,11 @@ def meet(directory: Path, count: int) -> bytes:
     return f"meet:{directory}:{count}".encode()
 
 
+def executors_of(stub: protocol.FrontendStub, sid: str) -> list[protocol.types.Executor]:
+    """The executors Flame lists for a session (a released one stays listed until its release ends)."""
+    return [e for e in stub.ListExecutor(fe.ListExecutorRequest()).executors if e.status.session_id == sid]
+
+
 def task_json(task: protocol.types.Task) -> dict[str, Any]:
     """The echo app's JSON output of a task."""
     assert task.status.state == types.Succeed, task
@@ -406,16 +411,10 @@ def test_bind_failure_pauses_session_and_tasks_stay_pending(
     codes = [e.code for e in events]
     assert codes == [protocol.EVENT_BIND_FAILED] * 5 + [protocol.EVENT_SESSION_PAUSED]
     assert "echo_app refuses" in events[0].message and "return_code <7>" in events[0].message
-
-    def executors() -> list[protocol.types.Executor]:
-        return [
-            e for e in stub.ListExecutor(fe.ListExecutorRequest()).executors if e.status.session_id == sid
-        ]
-
-    wait_for(lambda: not executors())  # the last refused executor finished releasing
+    wait_for(lambda: not executors_of(stub, sid))  # the last refused executor finished releasing
     # A new task asks for an executor at once: paused, the session launches none.
     later = stub.CreateTask(fe.CreateTaskRequest(task=types.TaskSpec(session_id=sid, input=b"y")))
-    assert not executors()
+    assert not executors_of(stub, sid)
     assert len(stub.GetSession(fe.GetSessionRequest(session_id=sid)).status.events) == 6
     for tid in (task.metadata.id, later.metadata.id):  # not failed for the client
         got = stub.GetTask(fe.GetTaskRequest(session_id=sid, task_id=tid))
@@ -576,13 +575,15 @@ def test_min_instances_prewarm_and_idle_release(stub: protocol.FrontendStub, tmp
         assert pid_alive(pid)
         wait_for(lambda: not pid_alive(pid))
         assert (markers / f"{pid}.leave").exists()
-        assert not [
-            e for e in stub.ListExecutor(fe.ListExecutorRequest()).executors if e.status.session_id == sid
-        ]
+        # Its executor is listed until its release ends (socket and directory removed).
+        wait_for(lambda: not executors_of(stub, sid))
         _, again = run_task(stub, sid, b"pid")
         assert int(again.spec.output) != pid
-        stub.CloseSession(fe.CloseSessionRequest(session_id=sid))
     finally:
+        # Flame keeps an application with open sessions: close them, also after a failure.
+        for ssn in stub.ListSession(fe.ListSessionRequest()).sessions:
+            if ssn.spec.application == name and ssn.status.state == types.Open:
+                wait_for(functools.partial(_try_close, stub, ssn.metadata.id))
         wait_for(lambda: _try_unregister(stub, name))
 
 
