@@ -10,7 +10,7 @@ This module only describes and validates requests; it does not talk to Flame.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -1,13 +1,57 @@
-"""Shared fixtures: a real IPython shell with flame_magic loaded, on an embedded Flame."""
+"""Shared fixtures: a real IPython shell with flame_magic loaded, on an embedded Flame.
+
+``--cpu-load`` runs the session beside two CPU-bound processes, as on a busy machine.
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 from IPython.core.interactiveshell import InteractiveShell
 from IPython.utils.capture import capture_output
 from jupyter_client.manager import start_new_kernel
+
+# Spins until its parent (the pytest process) is gone: killing pytest leaves no burner behind.
+BURNER = """
+import os, sys
+parent = int(sys.argv[1])
+while os.getppid() == parent:
+    for _ in range(200_000):
+        pass
+"""
+BURNERS = 2
+_burners = pytest.StashKey[list[subprocess.Popen[bytes]]]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--cpu-load",
+        action="store_true",
+        help=f"run the tests beside {BURNERS} CPU-bound processes (a busy machine)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--cpu-load"):
+        config.stash[_burners] = [
+            subprocess.Popen([sys.executable, "-c", BURNER, str(os.getpid())]) for _ in range(BURNERS)
+        ]
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for burner in config.stash.get(_burners, []):
+        burner.kill()
+        burner.wait()
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    burners = config.stash.get(_burners, [])
+    if not burners:
+        return None
+    return f"cpu load: {len(burners)} CPU-bound processes, pids {' '.join(str(b.pid) for b in burners)}"
 
 
 @pytest.fixture(scope="session")

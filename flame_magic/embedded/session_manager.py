@@ -544,6 +544,7 @@ class SessionManager:
             log.warning("session %s: %s", ssn.id, message)
             ssn.events.append(_event(EVENT_NO_EXECUTOR, message))
         return False
+
     def _free_cpus(self) -> int:
         used = 0
         for inst in self.executors.values():

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import textwrap
@@ -40,8 +39,11 @@ CODE = grpc.StatusCode
 # -- helpers -------------------------------------------------------------------------------
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
-    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.02) -> Any:
+    """Poll ``predicate`` until it returns something truthy and return that.
+
+    ``timeout`` is a guard against a hang, not a speed limit: keep it generous.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -92,7 +94,7 @@ def session_spec(app: str, **kw: Any) -> protocol.types.SessionSpec:
     return types.SessionSpec(application=app, **kw)
 
 
-def watch(stub: protocol.FrontendStub, sid: str, tid: str, timeout: float = 30) -> list[protocol.types.Task]:
+def watch(stub: protocol.FrontendStub, sid: str, tid: str, timeout: float = 90) -> list[protocol.types.Task]:
     """All messages of a WatchTask stream, to its end."""
     return list(stub.WatchTask(fe.WatchTaskRequest(session_id=sid, task_id=tid), timeout=timeout))
 
@@ -105,6 +107,17 @@ def run_task(
     stream = watch(stub, sid, task.metadata.id)
     final = stub.GetTask(fe.GetTaskRequest(session_id=sid, task_id=task.metadata.id))
     return stream, final
+
+
+def meet(directory: Path, count: int) -> bytes:
+    """The echo app's input for a task that waits until ``count`` processes run such tasks."""
+    directory.mkdir(exist_ok=True)
+    return f"meet:{directory}:{count}".encode()
+
+
+def executors_of(stub: protocol.FrontendStub, sid: str) -> list[protocol.types.Executor]:
+    """The executors Flame lists for a session (a released one stays listed until its release ends)."""
+    return [e for e in stub.ListExecutor(fe.ListExecutorRequest()).executors if e.status.session_id == sid]
 
 
 def task_json(task: protocol.types.Task) -> dict[str, Any]:
@@ -403,17 +416,18 @@ def test_bind_failure_pauses_session_and_tasks_stay_pending(
         events = list(stub.GetSession(fe.GetSessionRequest(session_id=sid)).status.events)
         return events if any(e.code == protocol.EVENT_SESSION_PAUSED for e in events) else None
 
-    events = wait_for(paused, timeout=30)
+    events = wait_for(paused)
     codes = [e.code for e in events]
     assert codes == [protocol.EVENT_BIND_FAILED] * 5 + [protocol.EVENT_SESSION_PAUSED]
     assert "echo_app refuses" in events[0].message and "return_code <12>" in events[0].message
-    time.sleep(0.3)  # nothing more is tried, and the task is not failed for the client
+    wait_for(lambda: not executors_of(stub, sid))  # the last refused executor finished releasing
+    # A new task asks for an executor at once: paused, the session launches none.
+    later = stub.CreateTask(fe.CreateTaskRequest(task=types.TaskSpec(session_id=sid, input=b"y")))
+    assert not executors_of(stub, sid)
     assert len(stub.GetSession(fe.GetSessionRequest(session_id=sid)).status.events) == 6
-    got = stub.GetTask(fe.GetTaskRequest(session_id=sid, task_id=task.metadata.id))
-    assert got.status.state == types.Pending
-    assert not [
-        e for e in stub.ListExecutor(fe.ListExecutorRequest()).executors if e.status.session_id == sid
-    ]
+    for tid in (task.metadata.id, later.metadata.id):  # not failed for the client
+        got = stub.GetTask(fe.GetTaskRequest(session_id=sid, task_id=tid))
+        assert got.status.state == types.Pending
 
 
 def executors_of(stub: protocol.FrontendStub, sid: str) -> list[protocol.types.Executor]:
@@ -522,7 +536,6 @@ def test_bind_failure_when_command_cannot_start(stub: protocol.FrontendStub, tmp
         sid = open_session(stub, name, min_instances=1)
         events = wait_for(
             lambda: [e for e in stub.GetSession(fe.GetSessionRequest(session_id=sid)).status.events],
-            timeout=10,
         )
         assert events[0].code == protocol.EVENT_BIND_FAILED and "no-such-command" in events[0].message
         stub.CloseSession(fe.CloseSessionRequest(session_id=sid))
@@ -557,7 +570,7 @@ def test_close_cancels_pending_tasks_and_tells_watchers(stub: protocol.FrontendS
     started = [threading.Event() for _ in ids]
 
     def follow(tid: str, first: threading.Event) -> None:
-        for msg in stub.WatchTask(fe.WatchTaskRequest(session_id=sid, task_id=tid), timeout=30):
+        for msg in stub.WatchTask(fe.WatchTaskRequest(session_id=sid, task_id=tid), timeout=90):
             seen[tid].append(msg.status.state)
             first.set()
 
@@ -565,42 +578,49 @@ def test_close_cancels_pending_tasks_and_tells_watchers(stub: protocol.FrontendS
     for w in watchers:
         w.start()
     for e in started:
-        assert e.wait(10)
+        assert e.wait(60)
 
     closed = stub.CloseSession(fe.CloseSessionRequest(session_id=sid))
     for w in watchers:
-        w.join(10)
+        w.join(60)
     assert seen == {t: [types.Pending, types.Cancelled] for t in ids}
     assert (closed.status.pending, closed.status.cancelled) == (0, 2)
     task = stub.GetTask(fe.GetTaskRequest(session_id=sid, task_id=ids[0]))
     assert task.status.state == types.Cancelled and task.status.HasField("completion_time")
 
 
-def test_close_with_running_task_is_refused(stub: protocol.FrontendStub, echo_app: str) -> None:
+def test_close_with_running_task_is_refused(
+    stub: protocol.FrontendStub, echo_app: str, tmp_path: Path
+) -> None:
     sid = open_session(stub, echo_app)
-    task = stub.CreateTask(fe.CreateTaskRequest(task=types.TaskSpec(session_id=sid, input=b"sleep:1.5")))
+    gate = tmp_path / "go-on"
+    task = stub.CreateTask(
+        fe.CreateTaskRequest(task=types.TaskSpec(session_id=sid, input=f"wait:{gate}".encode()))
+    )
     tid = task.metadata.id
-    stream = stub.WatchTask(fe.WatchTaskRequest(session_id=sid, task_id=tid))
+    stream = stub.WatchTask(fe.WatchTaskRequest(session_id=sid, task_id=tid), timeout=90)
     assert next(m for m in stream if m.status.state == types.Running)
     refused = rpc_error(lambda: stub.CloseSession(fe.CloseSessionRequest(session_id=sid)))
     assert refused.code() == CODE.INTERNAL and refused.details() == "Cannot close session with running tasks"
+    gate.touch()  # the task ends only now: it was running when the close was refused
     assert [m.status.state for m in stream] == [types.Succeed]
     assert stub.CloseSession(fe.CloseSessionRequest(session_id=sid)).status.state == types.Closed
 
 
-def test_two_instances_run_two_tasks_in_parallel(stub: protocol.FrontendStub, echo_app: str) -> None:
+def test_two_instances_run_two_tasks_in_parallel(
+    stub: protocol.FrontendStub, echo_app: str, tmp_path: Path
+) -> None:
     sid = open_session(stub, echo_app, max_instances=2)
-    start = time.monotonic()
     ids = [
         stub.CreateTask(
-            fe.CreateTaskRequest(task=types.TaskSpec(session_id=sid, input=b"sleep:0.6"))
+            fe.CreateTaskRequest(task=types.TaskSpec(session_id=sid, input=meet(tmp_path / "meet", 2)))
         ).metadata.id
         for _ in range(4)
     ]
     for tid in ids:
         assert watch(stub, sid, tid)[-1].status.state == types.Succeed
-    elapsed = time.monotonic() - start
     outs = [task_json(stub.GetTask(fe.GetTaskRequest(session_id=sid, task_id=t))) for t in ids]
+    assert all(o["met"] for o in outs)  # the first task of each process waited for the other
     assert len({o["pid"] for o in outs}) == 2  # never more than max_instances processes
     assert all(o["max_concurrent"] == 1 for o in outs)  # never two tasks at once in one process
     overlaps = [
@@ -609,8 +629,7 @@ def test_two_instances_run_two_tasks_in_parallel(stub: protocol.FrontendStub, ec
         for b in outs[i + 1 :]
         if a["start"] < b["end"] and b["start"] < a["end"]
     ]
-    assert overlaps and all(a["pid"] != b["pid"] for a, b in overlaps)
-    assert elapsed < 4 * 0.6  # parallel, not one after the other
+    assert overlaps and all(a["pid"] != b["pid"] for a, b in overlaps)  # parallel, in two processes
     executors = [
         e for e in stub.ListExecutor(fe.ListExecutorRequest()).executors if e.status.session_id == sid
     ]
@@ -661,13 +680,17 @@ def test_min_instances_prewarm_and_idle_release(stub: protocol.FrontendStub, tmp
         _, task = run_task(stub, sid, b"pid")
         pid = int(task.spec.output)
         assert pid_alive(pid)
-        wait_for(lambda: not pid_alive(pid), timeout=10)
+        wait_for(lambda: not pid_alive(pid))
         assert (markers / f"{pid}.leave").exists()
-        wait_for(lambda: not executors_of(stub, sid))  # its release finishes after the process ends
+        # Its executor is listed until its release ends (socket and directory removed).
+        wait_for(lambda: not executors_of(stub, sid))
         _, again = run_task(stub, sid, b"pid")
         assert int(again.spec.output) != pid
-        stub.CloseSession(fe.CloseSessionRequest(session_id=sid))
     finally:
+        # Flame keeps an application with open sessions: close them, also after a failure.
+        for ssn in stub.ListSession(fe.ListSessionRequest()).sessions:
+            if ssn.spec.application == name and ssn.status.state == types.Open:
+                wait_for(functools.partial(_try_close, stub, ssn.metadata.id))
         wait_for(lambda: _try_unregister(stub, name))
 
 
@@ -684,7 +707,7 @@ def test_close_session_ends_its_processes(stub: protocol.FrontendStub, echo_app:
     _, task = run_task(stub, sid, b"pid")
     pid = int(task.spec.output)
     stub.CloseSession(fe.CloseSessionRequest(session_id=sid))
-    wait_for(lambda: not pid_alive(pid), timeout=10)
+    wait_for(lambda: not pid_alive(pid))
 
 
 def test_input_over_4_mib_is_rejected(stub: protocol.FrontendStub, echo_app: str) -> None:
@@ -714,65 +737,39 @@ def test_output_over_4_mib_fails_the_task_and_keeps_the_process(
     assert after.spec.output == before.spec.output  # the process is fine; only that call failed
 
 
-def test_warm_round_trip_latency(stub: protocol.FrontendStub, echo_app: str) -> None:
-    """CreateTask + WatchTask to Succeed on a warm instance: the hot path of every cell."""
-    sid = open_session(stub, echo_app)
-    run_task(stub, sid, b"warm-up")
-    times = []
-    for _ in range(500):
-        t0 = time.perf_counter()
-        task = stub.CreateTask(fe.CreateTaskRequest(task=types.TaskSpec(session_id=sid, input=b"x")))
-        for msg in stub.WatchTask(fe.WatchTaskRequest(session_id=sid, task_id=task.metadata.id)):
-            last = msg
-        times.append(time.perf_counter() - t0)
-        assert last.status.state == types.Succeed
-    median = statistics.median(times) * 1000
-    print(
-        f"\nwarm CreateTask+WatchTask round trip: median {median:.2f} ms, "
-        f"p90 {sorted(times)[450] * 1000:.2f} ms"
-    )
-    assert median < 20  # generous for loaded CI machines; ~2 ms expected
-
-
 # -- the process as a whole ----------------------------------------------------------------
 
 
-def _session_pids(stub: protocol.FrontendStub, sid: str, count: int) -> set[int]:
-    """Run tasks until ``count`` distinct instance pids are seen (parallel sleeps)."""
-    ids = [
-        stub.CreateTask(
-            fe.CreateTaskRequest(task=types.TaskSpec(session_id=sid, input=b"sleep:0.3"))
-        ).metadata.id
-        for _ in range(count)
-    ]
-    return {task_json(watch(stub, sid, t)[-1])["pid"] for t in ids}
+def _session_pids(stub: protocol.FrontendStub, sid: str, count: int, meeting: Path) -> set[int]:
+    """Run ``count`` tasks that wait for each other, so ``count`` instances run them; their pids."""
+    task = types.TaskSpec(session_id=sid, input=meet(meeting, count))
+    ids = [stub.CreateTask(fe.CreateTaskRequest(task=task)).metadata.id for _ in range(count)]
+    outs = [task_json(watch(stub, sid, t)[-1]) for t in ids]
+    assert all(o["met"] for o in outs), outs
+    return {o["pid"] for o in outs}
 
 
 def test_start_and_stop_leave_nothing_behind(tmp_path: Path) -> None:
-    t0 = time.monotonic()
     flame = EmbeddedFlame.start(working_directory=str(tmp_path))
-    ready = time.monotonic() - t0
-    print(f"\nembedded Flame start-to-ready: {ready * 1000:.0f} ms")
-    assert ready < 5
     # Its own process group: Jupyter interrupts a kernel by signalling the kernel's group.
     assert os.getpgid(flame.pid) == flame.pid != os.getpgid(0)
     with grpc.insecure_channel(flame.endpoint) as channel:
         stub = protocol.FrontendStub(channel)
         stub.RegisterApplication(fe.RegisterApplicationRequest(name="echo", application=echo_spec(tmp_path)))
-        pids = _session_pids(stub, open_session(stub, "echo", max_instances=2), 2)
+        pids = _session_pids(stub, open_session(stub, "echo", max_instances=2), 2, tmp_path / "meet")
         busy = open_session(stub, "echo")
         _, task = run_task(stub, busy, b"pid")
         pids.add(int(task.spec.output))
-        # Stopping must not wait for a running task.
-        stub.CreateTask(fe.CreateTaskRequest(task=types.TaskSpec(session_id=busy, input=b"sleep:30")))
+        # Stopping must not wait for a running task (one that outlasts the test).
+        stub.CreateTask(fe.CreateTaskRequest(task=types.TaskSpec(session_id=busy, input=b"sleep:3600")))
         wait_for(lambda: stub.GetSession(fe.GetSessionRequest(session_id=busy)).status.running == 1)
     assert len(pids) == 3 and all(pid_alive(p) for p in pids)
-    t0 = time.monotonic()
-    flame.stop()
+    flame.stop(timeout=60)
     flame.stop()  # idempotent
-    assert time.monotonic() - t0 < 5, flame.log()
+    # It exited on its own after SIGTERM: had it waited for the task, stop() would have killed it.
+    assert flame._process.returncode == 0, flame.log()
     assert not flame.running
-    wait_for(lambda: not any(pid_alive(p) for p in pids), timeout=5)
+    wait_for(lambda: not any(pid_alive(p) for p in pids))
     assert not os.path.exists(flame.state_dir)
 
 
@@ -785,10 +782,10 @@ def test_killed_flame_leaves_no_process(tmp_path: Path) -> None:
             stub.RegisterApplication(
                 fe.RegisterApplicationRequest(name="echo", application=echo_spec(tmp_path))
             )
-            pids = _session_pids(stub, open_session(stub, "echo", max_instances=2), 2)
+            pids = _session_pids(stub, open_session(stub, "echo", max_instances=2), 2, tmp_path / "meet")
         os.kill(flame.pid, signal.SIGKILL)
         wait_for(lambda: not flame.running)
-        wait_for(lambda: not any(pid_alive(p) for p in pids), timeout=5)
+        wait_for(lambda: not any(pid_alive(p) for p in pids))
     finally:
         flame.stop()
 
@@ -832,7 +829,7 @@ def test_exits_with_the_kernel_that_started_it(tmp_path: Path) -> None:
     finally:
         kernel.kill()
         kernel.wait()
-    wait_for(lambda: not pid_alive(seen["flame"]) and not pid_alive(seen["app"]), timeout=5)
+    wait_for(lambda: not pid_alive(seen["flame"]) and not pid_alive(seen["app"]))
     assert not os.path.exists(seen["state_dir"])
 
 
@@ -854,7 +851,7 @@ def test_endpoint_in_use_is_an_error(tmp_path: Path) -> None:
             assert "in use" in str(info.value) or "bind" in str(info.value)
         assert unix.endpoint == f"unix://{tmp_path}/flame.sock"
         with grpc.insecure_channel(unix.endpoint) as channel:  # still served by the first one
-            protocol.FrontendStub(channel).ListNodes(fe.ListNodesRequest(), timeout=5)
+            protocol.FrontendStub(channel).ListNodes(fe.ListNodesRequest(), timeout=60)
     assert not (tmp_path / "flame.sock").exists()
 
 
@@ -894,11 +891,11 @@ def test_cli_on_tcp_loopback(tmp_path: Path) -> None:
             pid = task_json(task)["pid"]
     finally:
         proc.send_signal(signal.SIGTERM)
-        rest, stderr = proc.communicate(timeout=10)
+        rest, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     assert rest == ""  # exactly one line on stdout
     assert "serving flame.v1.Frontend" in stderr
-    wait_for(lambda: not pid_alive(pid), timeout=5)
+    wait_for(lambda: not pid_alive(pid))
 
 
 FLAMEPY_CLIENT = textwrap.dedent(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import threading
-import time
 
 import pytest
 from IPython.core.error import UsageError
@@ -153,9 +152,8 @@ def test_dead_runner_fails_the_cell_and_the_next_cell_gets_a_fresh_one(run, shel
 
 
 def test_remote_timeout_stops_the_cell(run):
-    started = time.monotonic()
-    ran = run("%%flmrun --timeout 1\nimport time\ntime.sleep(30)")
-    assert time.monotonic() - started < 10
+    # It sleeps far longer than the test may take: it ends only if the timeout stops it.
+    ran = run("%%flmrun --timeout 1\nimport time\ntime.sleep(3600)")
     assert isinstance(ran.error, RemoteError) and isinstance(ran.error, TimeoutError)
     assert "1 s timeout" in str(ran.error)
     assert run("%%flmrun\n'still usable'").value == "still usable"
@@ -164,9 +162,8 @@ def test_remote_timeout_stops_the_cell(run):
 def test_version_mismatch_fails_the_session_quickly_with_the_reason(run, shell, monkeypatch):
     run("%flame close")
     monkeypatch.setattr(codec, "CLOUDPICKLE_VERSION", "0.0.1")
-    started = time.monotonic()
+    # Were the refusal not noticed, the cell would wait for ever (pytest's timeout would end it).
     ran = run("%%flmrun\n1")
-    assert time.monotonic() - started < 15
     assert isinstance(ran.error, CellFailed)
     assert "cloudpickle" in str(ran.error) and "0.0.1" in str(ran.error)
     monkeypatch.undo()

@@ -6,7 +6,6 @@ import base64
 import json
 import os
 import sys
-import time
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -341,12 +340,11 @@ def test_a_log_handler_set_up_in_one_cell_writes_into_later_cells(evaluator: Eva
 def test_timeout_stops_a_blocking_cell_and_says_how_to_change_it():
     evaluator = Evaluator()
     try:
-        started = time.monotonic()
+        # It sleeps far longer than the test may take: it ends only if the timeout stops it.
         request = cell.CellRequest(
-            header=codec.local_header(), source="import time\ntime.sleep(30)", filename="<t>", timeout=0.3
+            header=codec.local_header(), source="import time\ntime.sleep(3600)", filename="<t>", timeout=0.3
         )
         result = evaluator.evaluate(request)
-        assert time.monotonic() - started < 5
         assert result.error.ename == "TimeoutError"
         assert "0.3 s timeout" in result.error.evalue and "--timeout" in result.error.evalue
         # The next cell has no leftover alarm.

@@ -6,6 +6,10 @@ application must. Task inputs:
 - ``b"die"``: exit at once with status 3 (the executor must notice the death);
 - ``b"fail..."``: fail with a message (return_code 1, output ``b"partial"``);
 - ``b"sleep:N"``: sleep N seconds, then return JSON with pid and start/end times;
+- ``b"wait:PATH"``: wait until ``PATH`` exists (a guard of 60 s against a hang), then return it;
+- ``b"meet:DIR:N"``: write ``DIR/<pid>``, wait until ``DIR`` holds N such files (N processes
+  running tasks at the same time; a guard of 60 s against a hang), then return JSON with pid,
+  start/end times and ``met`` (whether they all came);
 - ``b"env"``: return JSON with pid, process group, cwd, environment and argv;
 - ``b"pid"``: return the pid;
 - ``b"len:..."``: return the length of the input (a small output for a big input);
@@ -71,6 +75,21 @@ class EchoInstance(protocol.InstanceServicer):
             start = time.time()
             time.sleep(float(data[len(b"sleep:") :]))
             return self._json({"pid": os.getpid(), "start": start, "end": time.time()})
+        if data.startswith(b"wait:"):
+            path = data[len(b"wait:") :].decode()
+            deadline = time.monotonic() + 60
+            while not os.path.exists(path) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return types.TaskResult(return_code=0, output=path.encode())
+        if data.startswith(b"meet:"):
+            start = time.time()
+            directory, count = data[len(b"meet:") :].decode().rsplit(":", 1)
+            Path(directory, str(os.getpid())).touch()
+            deadline = time.monotonic() + 60
+            while len(os.listdir(directory)) < int(count) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            met = len(os.listdir(directory)) >= int(count)
+            return self._json({"pid": os.getpid(), "start": start, "end": time.time(), "met": met})
         if data == b"env":
             return self._json(
                 {
