@@ -61,12 +61,15 @@ class Session:
         return reply["content"], ANSI.sub("", "".join(texts)), prompts
 
 
-@pytest.fixture
-def session(kernel):
+@pytest.fixture(params=["flame-magic", "flmrun"])
+def session(kernel, request):
+    """A kernel with the extension loaded, on flame-magic's runner or on Flame's stock flmrun."""
     _, client = kernel
     assert client.stdin_channel.is_alive()
     ran = Session(client)
     reply, text, _ = ran.run("%load_ext flame_magic")
+    assert reply["status"] == "ok", text
+    reply, text, _ = ran.run(f"%config FlameMagics.application = {request.param!r}")
     assert reply["status"] == "ok", text
     return ran
 

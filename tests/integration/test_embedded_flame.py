@@ -430,11 +430,6 @@ def test_bind_failure_pauses_session_and_tasks_stay_pending(
         assert got.status.state == types.Pending
 
 
-def executors_of(stub: protocol.FrontendStub, sid: str) -> list[protocol.types.Executor]:
-    """The executors (application processes) of a session."""
-    return [e for e in stub.ListExecutor(fe.ListExecutorRequest()).executors if e.status.session_id == sid]
-
-
 def test_batch_session_starts_tasks_in_full_batches(stub: protocol.FrontendStub, echo_app: str) -> None:
     sid = open_session(stub, echo_app, batch_size=2)
     assert stub.GetSession(fe.GetSessionRequest(session_id=sid)).spec.batch_size == 2
