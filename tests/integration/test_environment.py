@@ -84,6 +84,9 @@ def build_wheel(root: Path, name: str, version: str, wheels: Path) -> Path:
     return next(wheels.glob(f"{name}-{version}-*.whl"))
 
 
+TOOLHELP = "def loud(word):\n    return word.upper()\n"
+
+
 @pytest.fixture(scope="module")
 def places(tmp_path_factory):
     """Folders: the notebook's modules, two versions of a package, wheels, the kernel's cwd."""
@@ -93,7 +96,7 @@ def places(tmp_path_factory):
     (lib / "toolbox.py").write_text(
         "from toolhelp import loud\n\ndef shout(word):\n    return loud(word) + '!'\n"
     )
-    (lib / "toolhelp.py").write_text("def loud(word):\n    return word.upper()\n")
+    (lib / "toolhelp.py").write_text(TOOLHELP)
     (lib / "unsent.py").write_text("NAME = 'unsent'\n")
     (lib / "shapes" / "__init__.py").write_text("from .area import square\n")
     (lib / "shapes" / "area.py").write_text(
@@ -134,10 +137,14 @@ def env_kernel(isolated_home, places):
         manager.shutdown_kernel(now=True)
 
 
-def test_local_modules_travel_and_edits_take_effect(env_kernel, places):
+@pytest.mark.parametrize("application", ["flame-magic", "flmrun"])  # both runner paths
+def test_local_modules_travel_and_edits_take_effect(env_kernel, places, application):
     client = env_kernel
     lib = places["lib"]
+    (lib / "toolhelp.py").write_text(TOOLHELP)  # as it was before an earlier run edited it
     reply, _ = execute(client, f"import sys\nsys.path.insert(0, {str(lib)!r})\n%load_ext flame_magic")
+    assert reply["status"] == "ok"
+    reply, _ = execute(client, f"%config FlameMagics.application = {application!r}")
     assert reply["status"] == "ok"
 
     reply, outputs = execute(
@@ -178,11 +185,14 @@ def test_local_modules_travel_and_edits_take_effect(env_kernel, places):
     assert "shapes (2 files" in status and "unsent" not in status
 
 
-def test_a_package_at_another_version_or_missing_fails_in_one_line(env_kernel, places):
+@pytest.mark.parametrize("application", ["flame-magic", "flmrun"])  # both runner paths
+def test_a_package_at_another_version_or_missing_fails_in_one_line(env_kernel, places, application):
     client = env_kernel
     site = places["notebook_site"]
     code = f"import sys\nsys.path.insert(0, {str(site)!r})\nimport flmtoy, flmextra\ntoy = flmtoy.Toy(3)\n"
     reply, _ = execute(client, code + "%load_ext flame_magic")
+    assert reply["status"] == "ok"
+    reply, _ = execute(client, f"%config FlameMagics.application = {application!r}")
     assert reply["status"] == "ok"
     _, outputs = execute(client, "print(flmtoy.__version__)")
     assert text(outputs) == "1.0\n"
