@@ -25,7 +25,8 @@ while os.getppid() == parent:
 @contextlib.contextmanager
 def cpu_load(on: bool = True, burners: int = BURNERS) -> Iterator[None]:
     """Run the block beside ``burners`` CPU-bound processes (none when ``on`` is False)."""
-    started = [subprocess.Popen([sys.executable, "-c", BURNER, str(os.getpid())]) for _ in range(burners if on else 0)]
+    command = [sys.executable, "-c", BURNER, str(os.getpid())]
+    started = [subprocess.Popen(command) for _ in range(burners if on else 0)]
     try:
         yield
     finally:

@@ -13,8 +13,10 @@ __version__ = "0.1.0"
 def load_ipython_extension(ip: Any) -> None:
     """Register the ``%%flmrun`` and ``%flame`` magics with the shell."""
     from flame_magic.magics import load
+    from flame_magic.prewarm import prewarm
 
     load(ip)
+    prewarm(ip)  # the embedded Flame and a runner start while the user types
 
 
 def unload_ipython_extension(ip: Any) -> None:

@@ -248,6 +248,15 @@ class Instance:
         spec = self.app_spec
         return [expand_vars(spec.command, env), *(expand_vars(a, env) for a in spec.arguments)]
 
+    async def start(self) -> None:
+        """Start the process now, before its session is known (see :mod:`flame_magic.embedded.spare`)."""
+        if self._proc is None:
+            await self._spawn()
+
+    def adopt(self, session_id: str, common_data: bytes | None) -> None:
+        """Give a process started ahead (:meth:`start`) the session it will bind."""
+        self.session_id, self.common_data = session_id, common_data
+
     async def _spawn(self) -> None:
         if self.installer is not None:
             try:
@@ -288,7 +297,8 @@ class Instance:
         self._exit_watch = asyncio.create_task(self._watch_exit(self._proc))
         if self._released:  # released while the spawn was under way: nobody else will end it
             self._late_kill = asyncio.create_task(self._terminate(0))
-        log.info("executor %s: started pid %d for session %s: %s", self.id, self.pid, self.session_id, argv)
+        which = f"for session {self.session_id}" if self.session_id else "ahead of its session"
+        log.info("executor %s: started pid %d %s: %s", self.id, self.pid, which, argv)
 
     async def _watch_exit(self, proc: asyncio.subprocess.Process) -> int:
         code = await proc.wait()
@@ -321,7 +331,8 @@ class Instance:
         BindError
             With a message saying why; the caller records it and releases the instance.
         """
-        await self._spawn()
+        if self._proc is None:  # else started ahead as a spare
+            await self._spawn()
         assert self._proc is not None and self._exit_watch is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import grpc
 
 from flame_magic import protocol
+from flame_magic.deploy import DEFAULT_NAME
 from flame_magic.embedded import executor
 from flame_magic.embedded.session_manager import FrontendService, SessionManager
 
@@ -156,6 +157,7 @@ async def serve(
         bound = True
         manager.endpoint = where.endpoint.format(port=port)
         manager.register_default_applications()
+        manager.start_spare(DEFAULT_NAME)  # the notebook's first cell will want it
         await server.start()
         _make_private(where.unix_path, cache)
         stop = asyncio.Event()

@@ -36,6 +36,7 @@ from flame_magic import protocol
 from flame_magic.embedded.apps import default_applications
 from flame_magic.embedded.executor import BindError, Instance, InvokeError, like_flame_06
 from flame_magic.embedded.installer import Installer
+from flame_magic.embedded.spare import Spares
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +272,7 @@ class SessionManager:
         self._bind_tasks: dict[str, asyncio.Task[None]] = {}
         self._running: dict[str, TaskRecord] = {}  # executor id -> its task
         self.installer = Installer(state_dir)  # applications with a url, installed on first bind
+        self.spares = Spares(self._new_instance, self._spawn)
 
     # -- applications ----------------------------------------------------------------------
 
@@ -283,6 +285,11 @@ class SessionManager:
         """
         for name, spec in default_applications(self.working_directory).items():
             self.register_application(name, spec)
+
+    def start_spare(self, name: str) -> None:
+        """Start a process of application ``name`` ahead of its first session (see ``spare``)."""
+        if name in self.applications:
+            self.spares.prepare(name, self.applications[name].spec)
 
     def register_application(self, name: str, spec: protocol.types.ApplicationSpec) -> None:
         """Register a Host-shim application; its working_directory must be absolute."""
@@ -319,6 +326,7 @@ class SessionManager:
             )
         del self.applications[name]
         self.installer.forget(name)
+        self.spares.drop(name)
         # As Flame does, the application's closed sessions go with it.
         for sid in [s.id for s in self.sessions.values() if s.spec.application == name]:
             del self.sessions[sid]
@@ -336,6 +344,7 @@ class SessionManager:
             )
         app.spec = spec
         self.installer.forget(name)
+        self.spares.drop(name)
 
     # -- sessions --------------------------------------------------------------------------
 
@@ -613,20 +622,29 @@ class SessionManager:
                 self._set_state(ssn, task, types.Failed, message, output)
         self._schedule(ssn)
 
-    def _launch(self, ssn: SessionRecord) -> None:
-        app = self.applications[ssn.spec.application]
-        inst = Instance(
-            executor_id=uuid.uuid4().hex[:12],
-            app_name=app.name,
-            app_spec=app.spec,
-            session_id=ssn.id,
-            common_data=ssn.spec.common_data if ssn.spec.HasField("common_data") else None,
+    def _new_instance(
+        self, *, executor_id: str, app_name: str, app_spec: protocol.types.ApplicationSpec
+    ) -> Instance:
+        """A process of an application, not started, not yet given a session."""
+        return Instance(
+            executor_id=executor_id,
+            app_name=app_name,
+            app_spec=app_spec,
+            session_id="",
+            common_data=None,
             state_dir=self.state_dir,
             frontend_endpoint=self.endpoint,
             cache_endpoint=self.cache_endpoint,
             cache_storage=self.cache_storage,
             installer=self.installer,
         )
+
+    def _launch(self, ssn: SessionRecord) -> None:
+        app = self.applications[ssn.spec.application]
+        inst = self.spares.take(app.name, app.spec) or self._new_instance(
+            executor_id=uuid.uuid4().hex[:12], app_name=app.name, app_spec=app.spec
+        )
+        inst.adopt(ssn.id, ssn.spec.common_data if ssn.spec.HasField("common_data") else None)
         ssn.instances.append(inst)
         self.executors[inst.id] = inst
         self._bind_tasks[inst.id] = self._spawn(self._bind(ssn, inst))
@@ -712,8 +730,9 @@ class SessionManager:
         self._idle_timers.clear()
         for bind_task in list(self._bind_tasks.values()):
             bind_task.cancel()
+        leaving = [*self.executors.values(), *self.spares.all()]
         await asyncio.gather(
-            *(inst.release(leave_timeout=1.0, grace=1.0) for inst in list(self.executors.values())),
+            *(inst.release(leave_timeout=1.0, grace=1.0) for inst in leaving),
             return_exceptions=True,
         )
         self.executors.clear()
