@@ -139,22 +139,32 @@ for i in range({lines}):
 
 
 def live(lines: int = 5, pause: float = 0.5) -> dict[str, float]:
-    """Seconds from a print on the runner to its stream message here: the first line, and the later ones."""
-    delays: list[float] = []
+    """Seconds from a print on the runner to its stream message here.
 
-    def seen(now: float, text: str) -> None:
-        for line in text.splitlines():
-            parts = line.split()
-            if len(parts) == 3 and parts[0] == "line":
-                delays.append(now - float(parts[2]))
+    The first line of the first cell of a fresh kernel (sent with ``%load_ext``, and after a
+    2 s pause), and the median of the later lines.
+    """
+    figures: dict[str, float] = {}
+    later: list[float] = []
+    for name, wait in (("first", 0.0), ("first_after_pause", 2.0)):
+        delays: list[float] = []
 
-    with kernel() as (_, client):
-        run(client, "%load_ext flame_magic")
-        run(client, FLMRUN)  # a warm runner: what is measured is the output's way, not a start
-        run(client, LIVE_CELL.format(lines=lines, pause=pause), on_stream=seen)
-    if len(delays) != lines:
-        raise RuntimeError(f"live output: {len(delays)} of {lines} lines arrived")
-    return {"first": delays[0], "later": statistics.median(delays[1:])}
+        def seen(now: float, text: str, delays: list[float] = delays) -> None:
+            for line in text.splitlines():
+                parts = line.split()
+                if len(parts) == 3 and parts[0] == "line":
+                    delays.append(now - float(parts[2]))
+
+        with kernel() as (_, client):
+            run(client, "%load_ext flame_magic")
+            time.sleep(wait)
+            run(client, LIVE_CELL.format(lines=lines, pause=pause), on_stream=seen)
+        if len(delays) != lines:
+            raise RuntimeError(f"live output: {len(delays)} of {lines} lines arrived")
+        figures[name] = delays[0]
+        later += delays[1:]
+    figures["later"] = statistics.median(later)
+    return figures
 
 
 RSS = "int(open('/proc/self/statm').read().split()[1]) * {page}".format(page=os.sysconf("SC_PAGE_SIZE"))
@@ -226,9 +236,14 @@ def main() -> int:
             seen = live()
             figures["live"] = seen
             print("live output, print on the runner to the stream message (embedded Flame)")
-            for key in ("first", "later"):
+            labels = {
+                "first": "first line, cell sent at load",
+                "first_after_pause": "first line, after a 2 s pause",
+                "later": "later lines",
+            }
+            for key, label in labels.items():
                 verdict = "met" if seen[key] <= 0.1 else "MISSED"
-                print(f"  {key + ' line':30s} {seen[key] * 1000:8.0f} ms   (target <= 100 ms: {verdict})")
+                print(f"  {label:30s} {seen[key] * 1000:8.0f} ms   (target <= 100 ms: {verdict})")
         if "memory" in parts:
             grown = memory(args.cells)
             figures["memory"] = grown

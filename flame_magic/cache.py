@@ -611,8 +611,30 @@ def _rows(
     count = len(bounds) - 1
     offsets = pa.py_buffer(struct.pack(f"<{count + 1}i", *bounds))
     data = pa.Array.from_buffers(pa.binary(), count, [None, offsets, buffer.slice(start, size)])
-    versions = pa.array([version] * count, type=pa.uint64())
-    return pa.RecordBatch.from_arrays([versions, data], schema=schema)
+    return pa.RecordBatch.from_arrays([uint64s(version, count), data], schema=schema)
+
+
+def uint64s(value: int, count: int = 1) -> pa.Array:
+    """An Arrow uint64 array of ``count`` times ``value``, built from its buffer.
+
+    Not ``pa.array([...])``: pyarrow's conversion of a Python list imports pandas (a second,
+    more on a busy machine) the first time, if pandas is installed.
+    """
+    import pyarrow as pa
+
+    return pa.Array.from_buffers(
+        pa.uint64(), count, [None, pa.py_buffer(struct.pack(f"<{count}Q", *[value] * count))]
+    )
+
+
+def utf8s(text: str) -> pa.Array:
+    """An Arrow utf8 array of one ``text``, built from its buffers (see :func:`uint64s`)."""
+    import pyarrow as pa
+
+    data = text.encode()
+    return pa.Array.from_buffers(
+        pa.utf8(), 1, [None, pa.py_buffer(struct.pack("<2i", 0, len(data))), pa.py_buffer(data)]
+    )
 
 
 def _row_buffer(column: pa.ChunkedArray, row: int) -> pa.Buffer:

@@ -282,13 +282,14 @@ class FlameClient:
         stop: threading.Event | None = None,
         tick: Callable[[], None] | None = None,
         pending: Callable[[], None] | None = None,
+        tick_seconds: float = TICK_SECONDS,
     ) -> types.Task:
         """Follow a task to its terminal state and return it, with its events if it failed.
 
         While the task waits, the session's events are checked so that an
         application that cannot start fails the wait instead of hanging it.
         When ``stop`` is set, the wait ends (within a second) with :class:`WaitStopped`.
-        ``tick``, if given, is called about every :data:`TICK_SECONDS` while the task runs
+        ``tick``, if given, is called about every ``tick_seconds`` while the task runs
         (the notebook shows the cell's live output with it). ``pending``, if given, is
         called after each slice in which the task was still Pending; what it raises ends
         the wait (see :class:`flame_magic.runners.PendingWatch`).
@@ -300,7 +301,7 @@ class FlameClient:
             if tick is not None:
                 if attempt:  # a cell done within the first slice never ticks (no cache calls)
                     tick()
-                slice_seconds = TICK_SECONDS
+                slice_seconds = tick_seconds
             else:
                 slice_seconds = WATCH_SLICES_SECONDS[min(attempt, len(WATCH_SLICES_SECONDS) - 1)]
             task = self._watch_slice(session_id, task_id, slice_seconds)

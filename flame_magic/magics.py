@@ -70,6 +70,11 @@ class FlameMagics(Magics):
         "application's command (0: wait for ever). Flame 0.6 reports nothing when a runner process "
         "exits before it serves.",
     ).tag(config=True)
+    live_poll_interval = Float(
+        0.0,
+        help="Seconds between two reads of a running cell's live output (0: automatic, 0.05 on the "
+        "embedded Flame, 0.2 on a cluster, where each read is a call to its object cache).",
+    ).tag(config=True)
     interrupt_grace = Float(
         5.0,
         help="Seconds an interrupted cell may take to stop before its runner is stopped (and replaced).",
@@ -108,6 +113,7 @@ class FlameMagics(Magics):
         elif self._connection.requested != self.application:
             self._connection.use_application(self.application)
         self._connection.start_timeout = self.start_timeout
+        self._connection.live_poll = self.live_poll_interval
         return self._connection
 
     def _new_connection(self, target: Target) -> Connection:

@@ -35,6 +35,7 @@ def prewarm(ip: Any) -> threading.Thread | None:
         try:
             connection.client()  # the embedded Flame, which starts a runner beside it
             connection.session()  # the default session, which the first cell's task binds
+            import pyarrow.flight  # noqa: F401  (the object cache's client: live output, large values)
         except Exception:
             pass
 

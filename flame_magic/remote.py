@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,6 +43,13 @@ AUTOMATIC = ""
 
 if TYPE_CHECKING:
     from flame_magic.embedded import EmbeddedFlame
+
+# Seconds between two reads of a running cell's live output, by default (FlameMagics.live_poll_interval).
+EMBEDDED_LIVE_PERIOD = 0.05
+CLUSTER_LIVE_PERIOD = 0.2
+
+# Seconds into a cell of the runner's first flush of its output (runner/live.py's FLUSH_EVERY).
+RUNNER_FIRST_FLUSH = 0.02
 
 # Room left in a task for Flame's own envelope around our bytes.
 ENVELOPE_MARGIN = 64 * 1024
@@ -78,6 +86,7 @@ class LiveChannel:
         self.interrupted = False
         self.polled = False
         self._failed = False
+        self._since = time.monotonic()  # the cell runs on the runner within this channel's life
 
     def poll(self) -> None:
         """Show what the runner appended since the last poll."""
@@ -87,7 +96,7 @@ class LiveChannel:
         try:
             fetched = self.cache.get(self.out_key, have=self.version)
         except ObjectNotFound:
-            return  # the runner makes it on its first flush, after a quarter second
+            return  # the runner makes it on its first flush
         except CacheError:
             self._failed = True  # the runner keeps what it could not send for the result
             return
@@ -104,16 +113,17 @@ class LiveChannel:
         self.cache.put(self.ctl_key, json.dumps({"interrupt": True, "grace": grace}).encode())
         self.interrupted = True
 
-    def finish(self, streamed: bool = False) -> None:
+    def finish(self, streamed: bool | None = None) -> None:
         """Show the rest of what was streamed, then remove the channel's objects.
 
-        The runner streams only from a quarter second into the cell, and this side polls
-        from a fifth: a cell that ended before the first poll streamed nothing, so a
-        quick cell costs no cache call at all. ``streamed`` (the result's flag) says the
-        runner wrote to the channel though it was never polled (a --map item's, shown in turn).
+        ``streamed`` (the result's flag) says whether the runner wrote to the channel (a --map
+        item's, shown in turn). None: unknown, and the runner, which flushes from
+        :data:`RUNNER_FIRST_FLUSH` into the cell, cannot have written if the channel is younger:
+        a quick cell costs no cache call at all.
         """
         keys = []
-        if self.polled or streamed:
+        young = time.monotonic() - self._since < RUNNER_FIRST_FLUSH
+        if self.polled or streamed or (streamed is None and not young):
             self.poll()
             keys.append(self.out_key)
         if self.interrupted:
@@ -178,6 +188,8 @@ class Connection:
         self._lost: dict[SessionKey, str] = {}
         #: Seconds a new session's runner may take to come up (0: no limit); see PendingWatch.
         self.start_timeout = 60.0
+        #: Seconds between two reads of a running cell's live output (0: automatic, see live_period).
+        self.live_poll = 0.0
         #: Called with a note for the user (the magics print it), e.g. when a session was replaced.
         self.notify: Callable[[str], None] = lambda message: None
         #: The notebook's modules and the packages cells need (see flame_magic.modules).
@@ -199,6 +211,14 @@ class Connection:
             self._session_id = None
             self._keyed.clear()
             self._lost.clear()
+
+    @property
+    def live_period(self) -> float:
+        """Seconds between two reads of a running cell's live output: on this machine's embedded
+        Flame a line shows within a tenth of a second; on a cluster every read is a network call."""
+        if self.live_poll > 0:
+            return self.live_poll
+        return EMBEDDED_LIVE_PERIOD if self.target.embedded else CLUSTER_LIVE_PERIOD
 
     @property
     def endpoint(self) -> str:
@@ -666,7 +686,9 @@ class Connection:
         try:
             while True:
                 try:
-                    task = client.wait_task(session_id, task_id, tick=live.poll, pending=watch)
+                    task = client.wait_task(
+                        session_id, task_id, tick=live.poll, pending=watch, tick_seconds=self.live_period
+                    )
                     break
                 except KeyboardInterrupt:
                     if live.interrupted:

@@ -993,6 +993,9 @@ def default_evaluator() -> Evaluator:
 
 def prepare() -> None:
     """Warm up the process's evaluator (imports IPython) before the first cell arrives."""
+    from .live import warm
+
+    warm()
     default_evaluator().prepare()
 
 

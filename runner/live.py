@@ -1,7 +1,7 @@
 """Live output and interrupt of a running cell, through Flame's object cache.
 
 Flame returns a task's output only when the task ends. While a cell runs, a flusher
-thread appends what the cell showed since the last tick to ``<prefix>/<channel>-out``
+thread appends what the cell showed since its last flush (every 20 ms) to ``<prefix>/<channel>-out``
 (each patch a ``CellResult`` holding only ``outputs``: patches concatenated still parse
 as one message), and checks ``<prefix>/<channel>-ctl``, which the notebook puts when the
 user interrupts the cell. The flusher then sends SIGUSR2 to the main thread, whose
@@ -26,8 +26,10 @@ from typing import Any
 from flame_magic.cache import CacheClient, CacheError, ObjectNotFound
 from flame_magic.protocol import cell
 
-# Seconds between two flushes (and checks for an interrupt).
-TICK = 0.25
+# Seconds between two flushes: a line shows in the notebook within this and its poll period.
+FLUSH_EVERY = 0.02
+# Seconds between two checks for an interrupt (each is a cache call; a flush with nothing new is not).
+CONTROL_EVERY = 0.25
 INTERRUPT_SIGNAL = signal.SIGUSR2
 DEFAULT_GRACE = 5.0
 
@@ -74,6 +76,20 @@ def _take_back(live: Live) -> None:
             return
     if live._picked_up:
         live._done.wait()
+
+
+def warm() -> None:
+    """Import the cache client's pyarrow on a thread, with an object cache: a session's first
+    live line would otherwise wait for the import (a third of a second, more on a busy machine)."""
+    if os.environ.get("FLAME_CACHE_ENDPOINT"):
+        threading.Thread(target=_import_flight, name="flmrun-warm-cache", daemon=True).start()
+
+
+def _import_flight() -> None:
+    try:
+        import pyarrow.flight  # noqa: F401
+    except ImportError:  # the first cache call says so
+        pass
 
 
 def raise_in_thread(ident: int, kind: type[BaseException] | None) -> None:
@@ -181,9 +197,13 @@ class Live:
     def _loop(self) -> None:
         interrupted_at: float | None = None
         grace = DEFAULT_GRACE
-        while not self._stop.wait(TICK):
+        control_at = time.monotonic() + CONTROL_EVERY
+        while not self._stop.wait(FLUSH_EVERY):
             self.flush()
             if interrupted_at is None:
+                if time.monotonic() < control_at:
+                    continue
+                control_at = time.monotonic() + CONTROL_EVERY
                 request = self._control()
                 if request is not None:
                     grace = float(request.get("grace", DEFAULT_GRACE))

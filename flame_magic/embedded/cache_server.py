@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pyarrow.ipc as ipc
 
-from flame_magic.cache import MAX_OBJECT_BYTES, CacheError, ObjectRef, check_key
+from flame_magic.cache import MAX_OBJECT_BYTES, CacheError, ObjectRef, check_key, uint64s, utf8s
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +400,7 @@ def _write_file(path: Path, data: pa.Buffer | pa.Table, version: int) -> None:
                 writer.write_table(table)
         else:
             rows = pa.Array.from_buffers(pa.binary(), 1, [None, _one_row(data.size), data])
-            batch = pa.RecordBatch.from_arrays([pa.array([version], pa.uint64()), rows], schema=_PUT_SCHEMA)
+            batch = pa.RecordBatch.from_arrays([uint64s(version), rows], schema=_PUT_SCHEMA)
             with pa.OSFile(str(temporary), "wb") as sink, ipc.new_file(sink, _PUT_SCHEMA) as writer:
                 writer.write_batch(batch)
         os.replace(temporary, path)
@@ -453,9 +453,7 @@ def _one_row(size: int) -> pa.Buffer:
 
 def _response_row(version: int, kind: str, data: pa.Buffer) -> pa.RecordBatch:
     column = pa.Array.from_buffers(pa.binary(), 1, [None, _one_row(data.size), data])
-    return pa.RecordBatch.from_arrays(
-        [pa.array([version], pa.uint64()), pa.array([kind], pa.utf8()), column], schema=_RESPONSE_SCHEMA
-    )
+    return pa.RecordBatch.from_arrays([uint64s(version), utf8s(kind), column], schema=_RESPONSE_SCHEMA)
 
 
 def start(state_dir: Path) -> CacheServer:
