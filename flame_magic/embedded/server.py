@@ -21,7 +21,8 @@ import grpc
 from flame_magic import protocol
 from flame_magic.deploy import DEFAULT_NAME
 from flame_magic.embedded import executor
-from flame_magic.embedded.session_manager import FrontendService, SessionManager
+from flame_magic.embedded.frontend import FrontendService
+from flame_magic.embedded.session_manager import SessionManager
 
 if TYPE_CHECKING:
     from flame_magic.embedded.cache_server import CacheServer
@@ -83,7 +84,7 @@ def remove_state(state_dir: Path, owned: bool) -> None:
     if owned:
         shutil.rmtree(state_dir, ignore_errors=True)
         return
-    for name in ("sock", "work", "logs", "cache", "apps"):
+    for name in ("sock", "work", "logs", "cache", "apps", "tasks"):
         shutil.rmtree(state_dir / name, ignore_errors=True)
     for name in (FRONTEND_SOCKET, "cache.sock"):
         with contextlib.suppress(FileNotFoundError):

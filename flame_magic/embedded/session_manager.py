@@ -14,21 +14,16 @@ change wakes its watchers and the dispatcher at once: nothing here polls.
 from __future__ import annotations
 
 import asyncio
-import functools
-import json
 import logging
 import os
 import platform
 import secrets
 import socket
 import string
-import time
 import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
@@ -36,17 +31,40 @@ from flame_magic import protocol
 from flame_magic.embedded.apps import default_applications
 from flame_magic.embedded.executor import BindError, Instance, InvokeError, like_flame_06
 from flame_magic.embedded.installer import Installer
+from flame_magic.embedded.records import (
+    DEFAULT_DELAY_RELEASE,
+    DEFAULT_RESREQ,
+    REPORTED_MAX_INSTANCES,
+    ApplicationRecord,
+    FlameError,
+    SessionRecord,
+    event,
+    node_cpus,
+    normalised_session_spec,
+    now_ms,
+    spec_mismatch,
+    validate_application,
+)
 from flame_magic.embedded.spare import Spares
+from flame_magic.embedded.tasks import TaskRecord, TaskStore
+
+__all__ = [
+    "DEFAULT_DELAY_RELEASE",
+    "DEFAULT_RESREQ",
+    "EVENT_NO_EXECUTOR",
+    "REPORTED_MAX_INSTANCES",
+    "ApplicationRecord",
+    "FlameError",
+    "SessionManager",
+    "SessionRecord",
+    "TaskRecord",
+    "node_cpus",
+]
 
 log = logging.getLogger(__name__)
 
 types = protocol.types
-frontend = protocol.frontend
 
-# Flame's defaults (common/src/apis/types.rs, session_manager/src/apiserver/frontend.rs).
-DEFAULT_DELAY_RELEASE = 60  # seconds an idle instance is kept
-REPORTED_MAX_INSTANCES = 1_000_000  # what Flame reports for an application without a limit
-DEFAULT_RESREQ = types.ResourceRequirement(cpu=1, memory=1024**3, gpu=0)
 BIND_RETRY_LIMIT = 5
 BIND_RETRY_DELAY = 0.1  # seconds before launching again after a failed bind
 MAX_CLOSED_SESSIONS = 1000
@@ -56,193 +74,6 @@ EVENT_NO_EXECUTOR = 1101  # closed sessions kept for Get/List before the oldest 
 
 _ALNUM = string.ascii_letters + string.digits
 _TERMINAL = protocol.TERMINAL_TASK_STATES
-
-
-def node_cpus() -> int:
-    """This node's CPUs, as reported (``FLAME_EMBEDDED_CPUS`` overrides, e.g. to test a small cluster)."""
-    given = os.environ.get("FLAME_EMBEDDED_CPUS", "")
-    return int(given) if given.isdigit() and int(given) > 0 else (os.cpu_count() or 1)
-
-
-def now_ms() -> int:
-    """Current time in Unix milliseconds, Flame's unit for every timestamp."""
-    return int(time.time() * 1000)
-
-
-class FlameError(Exception):
-    """A request failed; becomes a gRPC status with ``code`` and ``message``."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _event(code: int, message: str) -> protocol.types.Event:
-    return types.Event(code=code, message=message, creation_time=now_ms())
-
-
-@dataclass(eq=False)
-class ApplicationRecord:
-    """A registered application."""
-
-    name: str
-    spec: protocol.types.ApplicationSpec
-    state: protocol.types.ApplicationState = types.Enabled
-    creation_time: int = field(default_factory=now_ms)
-
-    def to_proto(self) -> protocol.types.Application:
-        """As Flame reports it (unset max_instances and delay_release filled in)."""
-        spec = types.ApplicationSpec()
-        spec.CopyFrom(self.spec)
-        # Flame fills these two in when they are unset, and reports them.
-        if not spec.HasField("max_instances"):
-            spec.max_instances = REPORTED_MAX_INSTANCES
-        if not spec.HasField("delay_release"):
-            spec.delay_release = DEFAULT_DELAY_RELEASE
-        return types.Application(
-            metadata=types.Metadata(id=self.name, name=self.name),
-            spec=spec,
-            status=types.ApplicationStatus(state=self.state, creation_time=self.creation_time),
-        )
-
-
-@dataclass(eq=False)
-class TaskRecord:
-    """A task and the queues of the WatchTask streams following it."""
-
-    id: str
-    session_id: str
-    input: bytes | None
-    state: protocol.types.TaskState = types.Pending
-    output: bytes | None = None
-    creation_time: int = field(default_factory=now_ms)
-    completion_time: int | None = None
-    events: list[protocol.types.Event] = field(default_factory=list)
-    watchers: list[asyncio.Queue[protocol.types.Task]] = field(default_factory=list)
-
-    def to_proto(self, with_events: bool) -> protocol.types.Task:
-        """As a message; events only for GetTask, as Flame (streams never carry them)."""
-        return types.Task(
-            metadata=types.Metadata(id=self.id, name=self.id),
-            spec=types.TaskSpec(session_id=self.session_id, input=self.input, output=self.output),
-            status=types.TaskStatus(
-                state=self.state,
-                creation_time=self.creation_time,
-                completion_time=self.completion_time,
-                events=self.events if with_events else None,
-            ),
-        )
-
-
-@dataclass(eq=False)
-class SessionRecord:
-    """A session, its tasks, its pending queue and its instances."""
-
-    id: str
-    spec: protocol.types.SessionSpec
-    state: protocol.types.SessionState = types.Open
-    creation_time: int = field(default_factory=now_ms)
-    completion_time: int | None = None
-    events: list[protocol.types.Event] = field(default_factory=list)
-    tasks: dict[str, TaskRecord] = field(default_factory=dict)
-    next_task_id: int = 1
-    counts: list[int] = field(default_factory=lambda: [0] * len(types.TaskState.values()))
-    pending: deque[TaskRecord] = field(default_factory=deque)
-    instances: list[Instance] = field(default_factory=list)  # binding or bound, not leaving
-    bind_failures: int = 0
-    paused: bool = False
-    shim_noted: bool = False  # the session event saying no executor has its shim was added
-
-    def to_proto(self) -> protocol.types.Session:
-        """As a message, with exact per-state task counts and the session events."""
-        c = self.counts
-        return types.Session(
-            metadata=types.Metadata(id=self.id, name=self.id),
-            spec=self.spec,
-            status=types.SessionStatus(
-                state=self.state,
-                creation_time=self.creation_time,
-                completion_time=self.completion_time,
-                pending=c[types.Pending],
-                running=c[types.Running],
-                succeed=c[types.Succeed],
-                failed=c[types.Failed],
-                cancelled=c[types.Cancelled],
-                events=self.events,
-            ),
-        )
-
-
-def _validate_application(name: str, spec: protocol.types.ApplicationSpec) -> None:
-    """Flame's checks at registration: a name, an absolute working directory, valid schemas.
-
-    Like Flame 0.6, it accepts applications without a command, with a url, and of any shim:
-    what cannot run is found when a session binds (or, for a shim no executor has, never).
-    """
-    if not name:
-        raise FlameError(grpc.StatusCode.INVALID_ARGUMENT, "application name is empty")
-    wd = spec.working_directory
-    if wd and not os.path.isabs(wd):
-        raise FlameError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"working_directory must be an absolute path, got: {wd}",
-        )
-    if spec.HasField("schema"):
-        for part in ("input", "output", "common_data"):
-            if spec.schema.HasField(part):
-                try:
-                    json.loads(getattr(spec.schema, part))
-                except ValueError as err:
-                    raise FlameError(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"invalid {part} schema: {err}"
-                    ) from None
-
-
-def _normalised_session_spec(spec: protocol.types.SessionSpec) -> protocol.types.SessionSpec:
-    """The spec as Flame keeps it: ``batch_size`` at least 1, min/max instances in whole batches."""
-    out = types.SessionSpec()
-    out.CopyFrom(spec)
-    out.batch_size = max(1, spec.batch_size)
-    if not out.HasField("resreq"):
-        out.resreq.CopyFrom(DEFAULT_RESREQ)
-    batch = out.batch_size
-    if batch > 1:
-        if out.min_instances % batch:
-            raise FlameError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"min_instances ({out.min_instances}) must be 0 or a multiple of batch_size ({batch})",
-            )
-        if out.HasField("max_instances") and out.max_instances % batch:
-            raise FlameError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"max_instances ({out.max_instances}) must be a multiple of batch_size ({batch})",
-            )
-    return out
-
-
-def _spec_mismatch(ssn: SessionRecord, spec: protocol.types.SessionSpec) -> str | None:
-    have = ssn.spec
-
-    def opt_max(s: protocol.types.SessionSpec) -> int | None:
-        return s.max_instances if s.HasField("max_instances") else None
-
-    checks = [
-        ("application", have.application, spec.application),
-        ("resreq", have.resreq, spec.resreq),
-        ("min_instances", have.min_instances, spec.min_instances),
-        ("max_instances", opt_max(have), opt_max(spec)),
-        ("batch_size", have.batch_size, spec.batch_size),
-        ("priority", have.priority, spec.priority),
-    ]
-    for name, expected, got in checks:
-        if expected != got:
-            show = (lambda r: str(r).replace("\n", " ").strip() or "{}") if name == "resreq" else repr
-            return (
-                f"session <{ssn.id}> spec mismatch: {name} differs "
-                f"(expected {show(expected)}, got {show(got)})"
-            )
-    return None
 
 
 class SessionManager:
@@ -273,6 +104,7 @@ class SessionManager:
         self._running: dict[str, TaskRecord] = {}  # executor id -> its task
         self.installer = Installer(state_dir)  # applications with a url, installed on first bind
         self.spares = Spares(self._new_instance, self._spawn)
+        self.task_store = TaskStore(state_dir / "tasks")  # inputs, outputs, finished tasks
 
     # -- applications ----------------------------------------------------------------------
 
@@ -293,7 +125,7 @@ class SessionManager:
 
     def register_application(self, name: str, spec: protocol.types.ApplicationSpec) -> None:
         """Register a Host-shim application; its working_directory must be absolute."""
-        _validate_application(name, spec)
+        validate_application(name, spec)
         if name in self.applications:
             raise FlameError(grpc.StatusCode.ALREADY_EXISTS, f"application <{name}> already exists")
         self.applications[name] = ApplicationRecord(name=name, spec=spec)
@@ -330,12 +162,13 @@ class SessionManager:
         # As Flame does, the application's closed sessions go with it.
         for sid in [s.id for s in self.sessions.values() if s.spec.application == name]:
             del self.sessions[sid]
+            self.task_store.drop(sid)
         log.info("unregistered application %s", name)
 
     def update_application(self, name: str, spec: protocol.types.ApplicationSpec) -> None:
         """Replace the spec of an application without open sessions."""
         app = self._get_application(name)
-        _validate_application(name, spec)
+        validate_application(name, spec)
         count = self._open_sessions_of(name)
         if count:
             raise FlameError(
@@ -375,7 +208,7 @@ class SessionManager:
             session_id = self._new_session_id(app.name)
         elif session_id in self.sessions:
             raise FlameError(grpc.StatusCode.ALREADY_EXISTS, f"session <{session_id}> already exists")
-        ssn = SessionRecord(id=session_id, spec=_normalised_session_spec(spec))
+        ssn = SessionRecord(id=session_id, spec=normalised_session_spec(spec))
         self.sessions[session_id] = ssn
         log.info("session %s opened (application %s)", session_id, app.name)
         self._schedule(ssn)  # pre-warms min_instances
@@ -391,7 +224,7 @@ class SessionManager:
         if ssn.state != types.Open:
             raise FlameError(grpc.StatusCode.FAILED_PRECONDITION, f"session <{session_id}> is not open")
         if spec is not None:
-            mismatch = _spec_mismatch(ssn, _normalised_session_spec(spec))
+            mismatch = spec_mismatch(ssn, normalised_session_spec(spec))
             if mismatch:
                 raise FlameError(grpc.StatusCode.INVALID_ARGUMENT, mismatch)
         return ssn
@@ -424,6 +257,7 @@ class SessionManager:
                 f"session <{session_id}> is open; close it before deleting it",
             )
         del self.sessions[session_id]
+        self.task_store.drop(session_id)
         return ssn
 
     def _evict_closed_sessions(self) -> None:
@@ -433,6 +267,7 @@ class SessionManager:
         closed.sort(key=lambda s: s.completion_time or s.creation_time)
         for ssn in closed[: len(closed) - MAX_CLOSED_SESSIONS]:
             del self.sessions[ssn.id]
+            self.task_store.drop(ssn.id)
 
     # -- tasks -----------------------------------------------------------------------------
 
@@ -444,21 +279,47 @@ class SessionManager:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"session <{session_id}> is closed; it accepts no new tasks",
             )
-        task = TaskRecord(id=str(ssn.next_task_id), session_id=session_id, input=data)
+        task = TaskRecord(
+            id=str(ssn.next_task_id), session_id=session_id, store=self.task_store, has_input=data is not None
+        )
+        if data is not None:
+            self.task_store.put_input(session_id, task.id, data)
         ssn.next_task_id += 1
         ssn.tasks[task.id] = task
         ssn.counts[types.Pending] += 1
-        task.events.append(_event(types.Pending, "Task was created with state <Pending>"))
+        task.events.append(event(types.Pending, "Task was created with state <Pending>"))
         ssn.pending.append(task)
         self._schedule(ssn)
         return task
 
-    def get_task(self, session_id: str, task_id: str) -> TaskRecord:
-        """The task of a session."""
-        task = self.get_session(session_id).tasks.get(task_id)
-        if task is None:
+    def get_task(self, session_id: str, task_id: str) -> protocol.types.Task:
+        """A task of a session as GetTask returns it (with its events), from memory or disk."""
+        task = self.live_task(session_id, task_id)
+        found = (
+            task.to_proto(with_events=True) if task is not None else self.task_store.done(session_id, task_id)
+        )
+        if found is None:
             raise FlameError(grpc.StatusCode.NOT_FOUND, f"task <{session_id}/{task_id}> not found")
-        return task
+        return found
+
+    def live_task(self, session_id: str, task_id: str) -> TaskRecord | None:
+        """A task of a session still pending or running (None: it ended, or there is none)."""
+        return self.get_session(session_id).tasks.get(task_id)
+
+    def list_tasks(self, ssn: SessionRecord) -> list[protocol.types.Task]:
+        """The session's tasks in order, as streams show them (without events)."""
+        found = []
+        for number in range(1, ssn.next_task_id):
+            task = self.live_task(ssn.id, str(number))
+            message = (
+                task.to_proto(with_events=False)
+                if task is not None
+                else self.task_store.done(ssn.id, str(number))
+            )
+            if message is not None:
+                message.status.ClearField("events")
+                found.append(message)
+        return found
 
     def _set_state(
         self,
@@ -474,11 +335,15 @@ class SessionManager:
         if state in _TERMINAL:
             task.output = output
             task.completion_time = now_ms()
-        task.events.append(_event(state, message))
+        task.events.append(event(state, message))
         if task.watchers:
             msg = task.to_proto(with_events=False)
             for queue in task.watchers:
                 queue.put_nowait(msg)
+        if state in _TERMINAL:  # out of memory, onto disk (see flame_magic.embedded.tasks)
+            self.task_store.put_done(task.to_proto(with_events=True))
+            del ssn.tasks[task.id]
+            task.output = None
 
     # -- scheduling ------------------------------------------------------------------------
 
@@ -551,7 +416,7 @@ class SessionManager:
                 "of this session stay pending."
             )
             log.warning("session %s: %s", ssn.id, message)
-            ssn.events.append(_event(EVENT_NO_EXECUTOR, message))
+            ssn.events.append(event(EVENT_NO_EXECUTOR, message))
         return False
 
     def _free_cpus(self) -> int:
@@ -674,11 +539,11 @@ class SessionManager:
             f"with return_code <{err.return_code}>: {err.message}"
         )
         log.warning("session %s: %s", ssn.id, message)
-        ssn.events.append(_event(protocol.EVENT_BIND_FAILED, message))
+        ssn.events.append(event(protocol.EVENT_BIND_FAILED, message))
         if ssn.bind_failures >= BIND_RETRY_LIMIT:
             ssn.paused = True
             ssn.events.append(
-                _event(
+                event(
                     protocol.EVENT_SESSION_PAUSED,
                     f"Session retry limit reached after {ssn.bind_failures}/{BIND_RETRY_LIMIT} "
                     "failed attempts; new executor assignment is paused for this session; "
@@ -757,150 +622,3 @@ class SessionManager:
                 last_heartbeat_time=now_ms(),
             ),
         )
-
-
-_Req = TypeVar("_Req")
-_Resp = TypeVar("_Resp")
-
-
-def _unary(
-    method: Callable[[Any, _Req], _Resp],
-) -> Callable[[Any, _Req, grpc.aio.ServicerContext], Awaitable[_Resp]]:
-    """Run a synchronous handler on the loop and turn FlameError into a gRPC status."""
-
-    @functools.wraps(method)
-    async def handler(self: Any, request: _Req, context: grpc.aio.ServicerContext) -> _Resp:
-        try:
-            return method(self, request)
-        except FlameError as err:
-            await context.abort(err.code, err.message)
-            raise  # unreachable: abort raises
-
-    return handler
-
-
-def _ok() -> protocol.types.Result:
-    return types.Result(return_code=0)
-
-
-class FrontendService(protocol.FrontendServicer):
-    """``flame.v1.Frontend`` over a :class:`SessionManager`."""
-
-    def __init__(self, manager: SessionManager) -> None:
-        self.m = manager
-
-    @_unary
-    def RegisterApplication(self, request: Any) -> protocol.types.Result:
-        if not request.HasField("application"):
-            raise FlameError(grpc.StatusCode.INVALID_ARGUMENT, "application spec is missing")
-        self.m.register_application(request.name, request.application)
-        return _ok()
-
-    @_unary
-    def UnregisterApplication(self, request: Any) -> protocol.types.Result:
-        self.m.unregister_application(request.name)
-        return _ok()
-
-    @_unary
-    def UpdateApplication(self, request: Any) -> protocol.types.Result:
-        if not request.HasField("application"):
-            raise FlameError(grpc.StatusCode.INVALID_ARGUMENT, "application spec is missing")
-        self.m.update_application(request.name, request.application)
-        return _ok()
-
-    @_unary
-    def GetApplication(self, request: Any) -> protocol.types.Application:
-        return self.m._get_application(request.name).to_proto()
-
-    @_unary
-    def ListApplication(self, request: Any) -> protocol.types.ApplicationList:
-        return types.ApplicationList(applications=[a.to_proto() for a in self.m.applications.values()])
-
-    @_unary
-    def ListExecutor(self, request: Any) -> protocol.types.ExecutorList:
-        executors = []
-        for inst in self.m.executors.values():
-            ssn = self.m.sessions.get(inst.session_id)
-            resreq = ssn.spec.resreq if ssn is not None else DEFAULT_RESREQ
-            executors.append(inst.to_proto(self.m.node_name, resreq))
-        return types.ExecutorList(executors=executors)
-
-    @_unary
-    def ListNodes(self, request: Any) -> protocol.types.NodeList:
-        return types.NodeList(nodes=[self.m.node()])
-
-    @_unary
-    def GetNode(self, request: Any) -> protocol.frontend.GetNodeResponse:
-        if request.name != self.m.node_name:
-            raise FlameError(grpc.StatusCode.NOT_FOUND, f"node <{request.name}> not found")
-        return frontend.GetNodeResponse(node=self.m.node())
-
-    @_unary
-    def CreateSession(self, request: Any) -> protocol.types.Session:
-        if not request.HasField("session"):
-            raise FlameError(grpc.StatusCode.INVALID_ARGUMENT, "session spec is missing")
-        return self.m.create_session(request.session_id, request.session).to_proto()
-
-    @_unary
-    def OpenSession(self, request: Any) -> protocol.types.Session:
-        spec = request.session if request.HasField("session") else None
-        return self.m.open_session(request.session_id, spec).to_proto()
-
-    @_unary
-    def CloseSession(self, request: Any) -> protocol.types.Session:
-        return self.m.close_session(request.session_id).to_proto()
-
-    @_unary
-    def DeleteSession(self, request: Any) -> protocol.types.Session:
-        return self.m.delete_session(request.session_id).to_proto()
-
-    @_unary
-    def GetSession(self, request: Any) -> protocol.types.Session:
-        return self.m.get_session(request.session_id).to_proto()
-
-    @_unary
-    def ListSession(self, request: Any) -> protocol.types.SessionList:
-        return types.SessionList(sessions=[s.to_proto() for s in self.m.sessions.values()])
-
-    @_unary
-    def CreateTask(self, request: Any) -> protocol.types.Task:
-        if not request.HasField("task"):
-            raise FlameError(grpc.StatusCode.INVALID_ARGUMENT, "task spec is missing")
-        spec = request.task
-        data = spec.input if spec.HasField("input") else None
-        return self.m.create_task(spec.session_id, data).to_proto(with_events=False)
-
-    @_unary
-    def GetTask(self, request: Any) -> protocol.types.Task:
-        return self.m.get_task(request.session_id, request.task_id).to_proto(with_events=True)
-
-    async def WatchTask(
-        self, request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[protocol.types.Task]:
-        try:
-            task = self.m.get_task(request.session_id, request.task_id)
-        except FlameError as err:
-            await context.abort(err.code, err.message)
-        # Register before sending the current state, so no change can fall in between.
-        queue: asyncio.Queue[protocol.types.Task] = asyncio.Queue()
-        task.watchers.append(queue)
-        try:
-            last = task.state
-            yield task.to_proto(with_events=False)
-            while last not in _TERMINAL:
-                msg = await queue.get()
-                if msg.status.state != last:
-                    last = msg.status.state
-                    yield msg
-        finally:
-            task.watchers.remove(queue)
-
-    async def ListTask(
-        self, request: Any, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[protocol.types.Task]:
-        try:
-            ssn = self.m.get_session(request.session_id)
-        except FlameError as err:
-            await context.abort(err.code, err.message)
-        for task in list(ssn.tasks.values()):
-            yield task.to_proto(with_events=False)

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -333,6 +334,30 @@ def test_session_lifecycle_and_errors(stub: protocol.FrontendStub, echo_app: str
 
 
 # -- tasks ---------------------------------------------------------------------------------
+
+
+def test_tasks_are_kept_on_disk_privately_and_still_returned(
+    stub: protocol.FrontendStub, flame: EmbeddedFlame, echo_app: str
+) -> None:
+    """Inputs and outputs live in the state directory (0600 files), not in the Flame's memory."""
+    sid = open_session(stub, echo_app)
+    payload = b"kept on disk " * 1000
+    _, done = run_task(stub, sid, payload)
+    assert done.status.state == types.Succeed
+    tasks = Path(flame.state_dir) / "tasks"
+    files = [p for p in tasks.rglob("*") if p.is_file()]
+    assert files, "no task was written to the state directory"
+    assert any(payload in p.read_bytes() for p in files)  # the finished task, input and output
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
+    assert all(
+        stat.S_IMODE(p.stat().st_mode) == 0o700 for p in [tasks, *(p for p in tasks.rglob("*") if p.is_dir())]
+    )
+    got = stub.GetTask(fe.GetTaskRequest(session_id=sid, task_id=done.metadata.id))
+    assert got.spec.input == payload and got.spec.output == payload
+    assert [e.code for e in got.status.events] == [types.Pending, types.Running, types.Succeed]
+    listed = list(stub.ListTask(fe.ListTaskRequest(session_id=sid)))
+    assert [(t.spec.input, t.spec.output) for t in listed] == [(payload, payload)]
+    assert [t.status.state for t in watch(stub, sid, done.metadata.id)] == [types.Succeed]
 
 
 def test_task_succeeds(stub: protocol.FrontendStub, echo_app: str) -> None:
