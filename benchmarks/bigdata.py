@@ -1,6 +1,6 @@
 """Big data through %%flmrun against ipyparallel and Dask, measured in one run on this machine.
 
-Usage: python benchmarks/bigdata.py [--size-mb 100] [--repeat 9]
+Usage: python benchmarks/bigdata.py [--size-mb 100] [--repeat 9] [--load] [--json]
 
 A float64 numpy array of ``--size-mb`` MB goes into a remote process and a result of the
 same size comes back:
@@ -41,6 +41,9 @@ import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpuload import cpu_load, load_label  # noqa: E402
 
 MB = 1000 * 1000
 
@@ -216,14 +219,18 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--one", choices=sorted(CONTENDERS), help=argparse.SUPPRESS)
+    parser.add_argument("--load", action="store_true", help="beside two CPU-bound processes")
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     args = parser.parse_args()
     size = args.size_mb * MB
     if args.one:
         print(json.dumps(CONTENDERS[args.one](size, args.repeat, args.warmup)))
         return 0
 
-    results = {name: measure(name, size, args.repeat, args.warmup) for name in CONTENDERS}
+    with cpu_load(args.load):
+        results = {name: measure(name, size, args.repeat, args.warmup) for name in CONTENDERS}
     ours = results["flmrun"]
+    print(f"Large values, {load_label(args.load)}")
 
     def rate(seconds: float) -> str:
         return f"{size / seconds / 1e9:6.2f} GB/s ({seconds * 1000:6.1f} ms)"
@@ -254,6 +261,8 @@ def main() -> int:
     for name, result in results.items():
         local, remote = result["local_peak"] / size, result["remote_peak"] / size
         print(f"  {name:12s} notebook side {local:5.2f}x   remote process {remote:5.2f}x")
+    if args.json:
+        print(json.dumps({"bigdata": results, "size": size, "load": args.load}))
     return 0
 
 

@@ -1,6 +1,6 @@
 """Fan-out throughput: 1000 trivial items on 2 workers, %%flmrun --map against ipyparallel and Dask.
 
-Usage: python benchmarks/fanout.py [--items N] [--repeat R]
+Usage: python benchmarks/fanout.py [--items N] [--repeat R] [--load] [--json]
 
 1. ``%%flmrun --map x=xs --into out --instances 2`` with a cell that returns ``x``, on the
    embedded Flame, through an in-process IPython shell (progress display included): each
@@ -18,12 +18,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpuload import cpu_load, load_label  # noqa: E402
 
 
 def identity(x: int) -> int:
@@ -74,6 +78,40 @@ def flmrun_rate(items: int, repeat: int, application: str = "") -> tuple[float, 
                     os.environ[key] = value
 
 
+def rss(pid: int | str = "self") -> int:
+    with open(f"/proc/{pid}/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_over_map(items: int) -> dict[str, int]:
+    """Growth (bytes) of the embedded Flame's and the notebook's resident memory over a map of ``items``."""
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    config = Config()
+    config.HistoryManager.enabled = False
+    with tempfile.TemporaryDirectory() as home:
+        os.environ["HOME"] = home
+        os.environ.pop("FLAME_ENDPOINT", None)
+        shell = InteractiveShell.instance(config=config)
+        shell.run_line_magic("load_ext", "flame_magic")
+        cell = "%%flmrun --map x=range(n) --into out --instances 2\nx"
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):
+                shell.user_ns["n"] = 2000
+                shell.run_cell(cell, silent=True)  # warm-up: runners, pools, caches
+                flame = shell.magics_manager.registry["FlameMagics"].connection()._embedded.pid
+                before = rss(flame), rss()
+                shell.user_ns["n"] = items
+                result = shell.run_cell(cell, silent=True)
+                shell.user_ns.pop("out", None)
+            if not result.success:
+                raise RuntimeError(f"the map failed: {result.error_in_exec}")
+            return {"flame": rss(flame) - before[0], "notebook": rss() - before[1]}
+        finally:
+            shell.run_line_magic("unload_ext", "flame_magic")
+
+
 def ipyparallel_rate(items: int, repeat: int) -> tuple[float, list[float]]:
     import ipyparallel as ipp
 
@@ -112,12 +150,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--memory-items", type=int, default=20_000, help="items of the memory figure")
+    parser.add_argument("--load", action="store_true", help="beside two CPU-bound processes")
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line")
     args = parser.parse_args()
 
-    flmrun, flmrun_runs = flmrun_rate(args.items, args.repeat)
-    stock, stock_runs = flmrun_rate(args.items, args.repeat, application="flmrun")
-    ipp_rate, ipp_runs = ipyparallel_rate(args.items, args.repeat)
-    dask, dask_runs = dask_rate(args.items, args.repeat)
+    with cpu_load(args.load):
+        flmrun, flmrun_runs = flmrun_rate(args.items, args.repeat)
+        stock, stock_runs = flmrun_rate(args.items, args.repeat, application="flmrun")
+        ipp_rate, ipp_runs = ipyparallel_rate(args.items, args.repeat)
+        dask, dask_runs = dask_rate(args.items, args.repeat)
+        grown = memory_over_map(args.memory_items)
+    print(f"Fan-out, {load_label(args.load)}")
 
     print(f"{args.items} trivial items on 2 workers, median of {args.repeat} runs (items/s)")
     rows = [
@@ -132,6 +176,16 @@ def main() -> int:
     print(f"  ratio %%flmrun / Dask {flmrun / dask:37.2f}")
     met = flmrun >= 1000 and flmrun > ipp_rate and flmrun > dask
     print(f"  target >= 1000 items/s and ahead of both: {'met' if met else 'MISSED'}")
+    per = 100_000 / args.memory_items
+    print(f"resident memory over a {args.memory_items}-item map (target: flat, <= 5 MB per 100,000 items)")
+    for side in ("flame", "notebook"):
+        label = "embedded Flame" if side == "flame" else "notebook"
+        scaled = grown[side] * per
+        verdict = "met" if scaled <= 5e6 else "MISSED"
+        print(f"  {label:16s} {grown[side] / 1e6:+7.2f} MB   ({scaled / 1e6:+.2f} MB per 100,000: {verdict})")
+    if args.json:
+        figures = {"flmrun": flmrun, "stock": stock, "ipyparallel": ipp_rate, "dask": dask, "memory": grown}
+        print(json.dumps({"fanout": figures, "items": args.items, "load": args.load}))
     return 0
 
 
