@@ -171,6 +171,8 @@ class EmbeddedFlame:
 
     def stopped(self, within: float = 0.0) -> bool:
         """Whether its process has exited, waiting up to ``within`` seconds for it to."""
+        if within <= 0:  # asked several times a cell: one non-blocking waitpid
+            return self._process.poll() is not None
         try:
             self._process.wait(within)
         except subprocess.TimeoutExpired:
