@@ -136,9 +136,17 @@ async def serve(
     where: Listen | None = None
     bound = False
     orphaned = asyncio.Event()
+    early = not listen and await _start_runner_early(manager, root)
     with _private_files():
         cache = _start_cache(root)
     cache_variables = {}
+    if early and (
+        cache is None
+        or (cache.endpoint, str(cache.storage)) != (manager.cache_endpoint, manager.cache_storage)
+    ):
+        manager.spares.drop(DEFAULT_NAME)  # started with a cache that is not there
+        early = False
+    manager.cache_endpoint = manager.cache_storage = None
     if cache is not None:
         manager.cache_endpoint, manager.cache_storage = cache.endpoint, str(cache.storage)
         cache_variables = {"FLAME_CACHE_ENDPOINT": cache.endpoint, "FLAME_CACHE_STORAGE": str(cache.storage)}
@@ -157,8 +165,9 @@ async def serve(
             raise RuntimeError(f"cannot listen on {where.bind}")
         bound = True
         manager.endpoint = where.endpoint.format(port=port)
-        manager.register_default_applications()
-        manager.start_spare(DEFAULT_NAME)  # the notebook's first cell will want it
+        if not early:
+            manager.register_default_applications()
+            manager.start_spare(DEFAULT_NAME)  # the notebook's first cell will want it
         await server.start()
         _make_private(where.unix_path, cache)
         stop = asyncio.Event()
@@ -207,6 +216,20 @@ def _make_private(frontend: Path | None, cache: CacheServer | None) -> None:
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             os.chmod(path, 0o600)
+
+
+async def _start_runner_early(manager: SessionManager, state_dir: Path) -> bool:
+    """Register the applications and start flame-magic's runner ahead of its session (see
+    ``spare``) before the object cache starts, with the endpoints both will have: the cache's
+    start (importing pyarrow, half a second on a busy machine) and the runner's overlap."""
+    manager.endpoint = parse_listen(None, state_dir).endpoint
+    manager.cache_endpoint = f"grpc+unix://{state_dir / 'cache.sock'}"  # as cache_server.start makes them
+    manager.cache_storage = str(state_dir / "cache")
+    manager.register_default_applications()
+    starting = manager.start_spare(DEFAULT_NAME)
+    if starting is not None:
+        await starting  # forked: it starts while this process goes on
+    return True
 
 
 def _start_cache(state_dir: Path) -> CacheServer | None:

@@ -118,10 +118,11 @@ class SessionManager:
         for name, spec in default_applications(self.working_directory).items():
             self.register_application(name, spec)
 
-    def start_spare(self, name: str) -> None:
+    def start_spare(self, name: str) -> asyncio.Task[Any] | None:
         """Start a process of application ``name`` ahead of its first session (see ``spare``)."""
         if name in self.applications:
-            self.spares.prepare(name, self.applications[name].spec)
+            return self.spares.prepare(name, self.applications[name].spec)  # type: ignore[no-any-return]
+        return None
 
     def register_application(self, name: str, spec: protocol.types.ApplicationSpec) -> None:
         """Register a Host-shim application; its working_directory must be absolute."""

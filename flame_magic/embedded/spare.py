@@ -38,12 +38,15 @@ class Spares:
         self._spawn = spawn
         self._spares: dict[str, Instance] = {}
 
-    def prepare(self, name: str, spec: protocol.types.ApplicationSpec) -> None:
-        """Start a spare process of application ``name`` now, if one can start before its session."""
+    def prepare(self, name: str, spec: protocol.types.ApplicationSpec) -> Any:
+        """Start a spare process of application ``name``, if one can start before its session.
+
+        Returns the asyncio task starting it (done once the process is forked), or None.
+        """
         if name in self._spares or spec.HasField("url") or not spec.command:
-            return  # an installation needs its session's bind; Flame fails an empty command at bind
+            return None  # an installation needs its session's bind; Flame fails an empty command at bind
         if spec.shim != protocol.types.Host:
-            return
+            return None
         inst = self._make(executor_id=uuid.uuid4().hex[:12], app_name=name, app_spec=spec)
         self._spares[name] = inst
 
@@ -54,7 +57,7 @@ class Spares:
                 log.info("spare process of %s did not start: %s", name, err)
                 self._spares.pop(name, None)
 
-        self._spawn(start())
+        return self._spawn(start())
 
     def take(self, name: str, spec: protocol.types.ApplicationSpec) -> Instance | None:
         """The spare of ``name``, if it runs still and its application is unchanged (None otherwise)."""
