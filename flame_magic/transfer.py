@@ -58,6 +58,7 @@ RUNNER_SIDE = "out"
 # Below this, writing a file while hashing saves less than starting the write costs.
 STAGE_MIN = 4 * 1024 * 1024
 
+_HASH_THREADS = min(4, os.cpu_count() or 1)
 _pool: ThreadPoolExecutor | None = None
 _write_pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -67,9 +68,7 @@ def _threads() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            _pool = ThreadPoolExecutor(
-                max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="flame-hash"
-            )
+            _pool = ThreadPoolExecutor(max_workers=_HASH_THREADS, thread_name_prefix="flame-hash")
         return _pool
 
 
@@ -99,11 +98,36 @@ def digest(data: memoryview) -> str:
         chunk_digests = [hashlib.sha256(data).digest()]
     else:
         chunks = [data[start : start + HASH_CHUNK] for start in range(0, size, HASH_CHUNK)]
-        chunk_digests = list(_threads().map(lambda chunk: hashlib.sha256(chunk).digest(), chunks))
+        chunk_digests = _hash_chunks(chunks)
     top = hashlib.sha256(size.to_bytes(8, "little"))
     for chunk_digest in chunk_digests:
         top.update(chunk_digest)
     return top.hexdigest()[:40]
+
+
+def _hash_chunks(chunks: list[memoryview]) -> list[bytes]:
+    """The SHA-256 of each chunk, on this thread and the pool's, taking chunks as each is free.
+
+    This thread works too, rather than wait for the pool: on a busy machine a pool thread may
+    wait long to be scheduled, and then the others, this one included, take its share.
+    """
+    digests = [b""] * len(chunks)
+    order = iter(range(len(chunks)))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                index = next(order, None)
+            if index is None:
+                return
+            digests[index] = hashlib.sha256(chunks[index]).digest()
+
+    helpers = [_threads().submit(work) for _ in range(min(_HASH_THREADS, len(chunks)) - 1)]
+    work()
+    for helper in helpers:
+        helper.result()
+    return digests
 
 
 @dataclass
