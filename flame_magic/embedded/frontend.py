@@ -53,7 +53,7 @@ class FrontendService(protocol.FrontendServicer):
     def RegisterApplication(self, request: Any) -> protocol.types.Result:
         if not request.HasField("application"):
             raise FlameError(grpc.StatusCode.INVALID_ARGUMENT, "application spec is missing")
-        self.m.register_application(request.name, request.application)
+        self.m.apps.register(request.name, request.application)
         return _ok()
 
     @_unary
@@ -65,12 +65,12 @@ class FrontendService(protocol.FrontendServicer):
     def UpdateApplication(self, request: Any) -> protocol.types.Result:
         if not request.HasField("application"):
             raise FlameError(grpc.StatusCode.INVALID_ARGUMENT, "application spec is missing")
-        self.m.update_application(request.name, request.application)
+        self.m.apps.update(request.name, request.application)
         return _ok()
 
     @_unary
     def GetApplication(self, request: Any) -> protocol.types.Application:
-        return self.m._get_application(request.name).to_proto()
+        return self.m.apps.get(request.name).to_proto()
 
     @_unary
     def ListApplication(self, request: Any) -> protocol.types.ApplicationList:

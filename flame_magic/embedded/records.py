@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -182,3 +183,23 @@ def spec_mismatch(ssn: SessionRecord, spec: protocol.types.SessionSpec) -> str |
                 f"(expected {show(expected)}, got {show(got)})"
             )
     return None
+
+
+def node_message(name: str) -> protocol.types.Node:
+    """This machine as Flame's only node, named ``name``."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 0
+    capacity = types.ResourceRequirement(cpu=node_cpus(), memory=memory, gpu=0)
+    return types.Node(
+        metadata=types.Metadata(id=name, name=name),
+        spec=types.NodeSpec(hostname=name),
+        status=types.NodeStatus(
+            state=types.Ready,
+            capacity=capacity,
+            allocatable=capacity,
+            info=types.NodeInfo(arch=platform.machine(), os=platform.system().lower()),
+            last_heartbeat_time=now_ms(),
+        ),
+    )

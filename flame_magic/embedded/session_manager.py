@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import platform
 import secrets
 import socket
 import string
@@ -28,38 +27,23 @@ from typing import Any
 import grpc
 
 from flame_magic import protocol
-from flame_magic.embedded.apps import default_applications
+from flame_magic.embedded.applications import Applications
 from flame_magic.embedded.executor import BindError, Instance, InvokeError, like_flame_06
 from flame_magic.embedded.installer import Installer
 from flame_magic.embedded.records import (
     DEFAULT_DELAY_RELEASE,
     DEFAULT_RESREQ,
-    REPORTED_MAX_INSTANCES,
-    ApplicationRecord,
     FlameError,
     SessionRecord,
     event,
     node_cpus,
+    node_message,
     normalised_session_spec,
     now_ms,
     spec_mismatch,
-    validate_application,
 )
 from flame_magic.embedded.spare import Spares
 from flame_magic.embedded.tasks import TaskRecord, TaskStore
-
-__all__ = [
-    "DEFAULT_DELAY_RELEASE",
-    "DEFAULT_RESREQ",
-    "EVENT_NO_EXECUTOR",
-    "REPORTED_MAX_INSTANCES",
-    "ApplicationRecord",
-    "FlameError",
-    "SessionManager",
-    "SessionRecord",
-    "TaskRecord",
-    "node_cpus",
-]
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +78,6 @@ class SessionManager:
         self.cache_endpoint: str | None = None  # the object cache, given to every process
         self.cache_storage: str | None = None
         self.node_name = socket.gethostname()
-        self.applications: dict[str, ApplicationRecord] = {}
         self.sessions: dict[str, SessionRecord] = {}
         self.executors: dict[str, Instance] = {}  # every live process, leaving ones too
         self.stopping = False
@@ -104,81 +87,30 @@ class SessionManager:
         self._running: dict[str, TaskRecord] = {}  # executor id -> its task
         self.installer = Installer(state_dir)  # applications with a url, installed on first bind
         self.spares = Spares(self._new_instance, self._spawn)
+        self.apps = Applications(self.installer, self.spares, self._open_sessions_of)
+        self.applications = self.apps.records
         self.task_store = TaskStore(state_dir / "tasks")  # inputs, outputs, finished tasks
 
     # -- applications ----------------------------------------------------------------------
 
     def register_default_applications(self) -> None:
-        """Register Flame's defaults (``flmrun``, ``flmexec``, ``flmping``) and flame-magic's runner.
-
-        They run on this Python: ``flmrun`` is flamepy's runner, installed with flame-magic;
-        ``flmexec`` and ``flmping`` are our servers with the task contracts of Flame's; and
-        flame-magic's runner is ``flame-magic``, starting in the notebook's directory.
-        """
-        for name, spec in default_applications(self.working_directory).items():
-            self.register_application(name, spec)
+        """Register Flame's defaults and flame-magic's runner (see :class:`Applications`)."""
+        self.apps.register_defaults(self.working_directory)
 
     def start_spare(self, name: str) -> asyncio.Task[Any] | None:
         """Start a process of application ``name`` ahead of its first session (see ``spare``)."""
-        if name in self.applications:
-            return self.spares.prepare(name, self.applications[name].spec)  # type: ignore[no-any-return]
-        return None
-
-    def register_application(self, name: str, spec: protocol.types.ApplicationSpec) -> None:
-        """Register a Host-shim application; its working_directory must be absolute."""
-        validate_application(name, spec)
-        if name in self.applications:
-            raise FlameError(grpc.StatusCode.ALREADY_EXISTS, f"application <{name}> already exists")
-        self.applications[name] = ApplicationRecord(name=name, spec=spec)
-        log.info("registered application %s: %s %s", name, spec.command, list(spec.arguments))
-        if spec.shim != types.Host:
-            log.warning(
-                "application %s asks for the %s shim: the embedded Flame has only Host executors, "
-                "so the tasks of its sessions stay pending",
-                name,
-                types.Shim.Name(spec.shim),
-            )
+        app = self.applications.get(name)
+        return self.spares.prepare(name, app.spec) if app is not None else None  # type: ignore[no-any-return]
 
     def _open_sessions_of(self, name: str) -> int:
         return sum(1 for s in self.sessions.values() if s.spec.application == name and s.state == types.Open)
 
-    def _get_application(self, name: str) -> ApplicationRecord:
-        app = self.applications.get(name)
-        if app is None:
-            raise FlameError(grpc.StatusCode.NOT_FOUND, f"application <{name}> not found")
-        return app
-
     def unregister_application(self, name: str) -> None:
-        """Remove an application without open sessions, and its closed sessions."""
-        self._get_application(name)
-        count = self._open_sessions_of(name)
-        if count:
-            raise FlameError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"{count} open sessions in the application <{name}>; close them first",
-            )
-        del self.applications[name]
-        self.installer.forget(name)
-        self.spares.drop(name)
-        # As Flame does, the application's closed sessions go with it.
+        """Remove an application without open sessions, and its closed sessions (as Flame does)."""
+        self.apps.unregister(name)
         for sid in [s.id for s in self.sessions.values() if s.spec.application == name]:
             del self.sessions[sid]
             self.task_store.drop(sid)
-        log.info("unregistered application %s", name)
-
-    def update_application(self, name: str, spec: protocol.types.ApplicationSpec) -> None:
-        """Replace the spec of an application without open sessions."""
-        app = self._get_application(name)
-        validate_application(name, spec)
-        count = self._open_sessions_of(name)
-        if count:
-            raise FlameError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"{count} open sessions in the application <{name}>; close them first",
-            )
-        app.spec = spec
-        self.installer.forget(name)
-        self.spares.drop(name)
 
     # -- sessions --------------------------------------------------------------------------
 
@@ -197,7 +129,7 @@ class SessionManager:
 
     def create_session(self, session_id: str, spec: protocol.types.SessionSpec) -> SessionRecord:
         """Open a new session (id ``<app>-<6 alphanumerics>`` when empty); start min_instances."""
-        app = self._get_application(spec.application)
+        app = self.apps.get(spec.application)
         if app.state != types.Enabled:
             raise FlameError(grpc.StatusCode.FAILED_PRECONDITION, f"application <{app.name}> is disabled")
         if spec.HasField("max_instances") and spec.max_instances < spec.min_instances:
@@ -607,19 +539,4 @@ class SessionManager:
 
     def node(self) -> protocol.types.Node:
         """This machine as Flame's only node."""
-        try:
-            memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            memory = 0
-        capacity = types.ResourceRequirement(cpu=node_cpus(), memory=memory, gpu=0)
-        return types.Node(
-            metadata=types.Metadata(id=self.node_name, name=self.node_name),
-            spec=types.NodeSpec(hostname=self.node_name),
-            status=types.NodeStatus(
-                state=types.Ready,
-                capacity=capacity,
-                allocatable=capacity,
-                info=types.NodeInfo(arch=platform.machine(), os=platform.system().lower()),
-                last_heartbeat_time=now_ms(),
-            ),
-        )
+        return node_message(self.node_name)
