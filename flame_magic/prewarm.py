@@ -34,7 +34,9 @@ def prewarm(ip: Any) -> threading.Thread | None:
     def warm() -> None:
         try:
             connection.client()  # the embedded Flame, which starts a runner beside it
-            connection.session()  # the default session, which the first cell's task binds
+            if magics._connection is not connection:
+                return  # unloaded, or connected elsewhere, meanwhile
+            connection.session()  # the default session, which binds that runner
             import pyarrow.flight  # noqa: F401  (the object cache's client: live output, large values)
         except Exception:
             pass

@@ -12,6 +12,7 @@ input. The files go with their session (deleted, or evicted) and with the state 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -28,22 +29,27 @@ _DONE = "{}.task"
 
 
 class TaskStore:
-    """Task files under ``root``, one directory per session (see the module's docstring)."""
+    """Task files under ``root``, one directory per session (see the module's docstring).
+
+    Paths are plain strings: pathlib interns every name it parses, which would keep two
+    strings per task in memory for good.
+    """
 
     def __init__(self, root: Path) -> None:
-        self.root = root
+        self.root = str(root)
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._sessions: set[str] = set()
 
-    def _dir(self, session_id: str) -> Path:
+    def _dir(self, session_id: str) -> str:
         # Session ids are free-form client strings: hex-encoded, they are safe file names.
-        path = self.root / session_id.encode().hex()
+        path = os.path.join(self.root, session_id.encode().hex())
         if session_id not in self._sessions:
-            path.mkdir(mode=0o700, exist_ok=True)
+            os.makedirs(path, mode=0o700, exist_ok=True)
             self._sessions.add(session_id)
         return path
 
-    def _write(self, path: Path, data: bytes) -> None:
+    @staticmethod
+    def _write(path: str, data: bytes) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             view = memoryview(data)
@@ -52,31 +58,37 @@ class TaskStore:
         finally:
             os.close(fd)
 
+    @staticmethod
+    def _read(path: str) -> bytes:
+        with open(path, "rb") as file:
+            return file.read()
+
     def put_input(self, session_id: str, task_id: str, data: bytes) -> None:
-        self._write(self._dir(session_id) / _INPUT.format(task_id), data)
+        self._write(os.path.join(self._dir(session_id), _INPUT.format(task_id)), data)
 
     def input(self, session_id: str, task_id: str) -> bytes:
-        return (self._dir(session_id) / _INPUT.format(task_id)).read_bytes()
+        return self._read(os.path.join(self._dir(session_id), _INPUT.format(task_id)))
 
     def put_done(self, task: protocol.types.Task) -> None:
         """Keep a finished task (with its events); its separate input file goes."""
         directory = self._dir(task.spec.session_id)
-        self._write(directory / _DONE.format(task.metadata.id), task.SerializeToString())
-        (directory / _INPUT.format(task.metadata.id)).unlink(missing_ok=True)
+        self._write(os.path.join(directory, _DONE.format(task.metadata.id)), task.SerializeToString())
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, _INPUT.format(task.metadata.id)))
 
     def done(self, session_id: str, task_id: str) -> protocol.types.Task | None:
         """A finished task as it was kept, or None."""
         if not task_id.isdigit():
             return None
         try:
-            data = (self._dir(session_id) / _DONE.format(task_id)).read_bytes()
+            data = self._read(os.path.join(self._dir(session_id), _DONE.format(task_id)))
         except FileNotFoundError:
             return None
         return types.Task.FromString(data)
 
     def drop(self, session_id: str) -> None:
         """Remove a session's files (it was deleted or evicted)."""
-        shutil.rmtree(self.root / session_id.encode().hex(), ignore_errors=True)
+        shutil.rmtree(os.path.join(self.root, session_id.encode().hex()), ignore_errors=True)
         self._sessions.discard(session_id)
 
 
