@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from flame_magic.errors import RequestError
 from flame_magic.protocol import types
 
 # Flame's default when a session sets no resreq (1 CPU, 1 GiB, no GPU): fields a cell
@@ -38,10 +39,6 @@ _UNITS = {
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKMGT]i?)?[bB]?\s*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
-
-
-class RequestError(ValueError):
-    """An option value that cannot be sent to Flame; the message says what is accepted."""
 
 
 def parse_memory(text: str) -> int:

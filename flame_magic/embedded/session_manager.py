@@ -34,6 +34,7 @@ import grpc
 
 from flame_magic import protocol
 from flame_magic.embedded.apps import default_applications
+from flame_magic.embedded.errors import FrontendError
 from flame_magic.embedded.executor import BindError, Instance, InvokeError, like_flame_06
 from flame_magic.embedded.installer import Installer
 
@@ -66,15 +67,6 @@ def node_cpus() -> int:
 def now_ms() -> int:
     """Current time in Unix milliseconds, Flame's unit for every timestamp."""
     return int(time.time() * 1000)
-
-
-class FlameError(Exception):
-    """A request failed; becomes a gRPC status with ``code`` and ``message``."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def _event(code: int, message: str) -> protocol.types.Event:
@@ -180,10 +172,10 @@ def _validate_application(name: str, spec: protocol.types.ApplicationSpec) -> No
     what cannot run is found when a session binds (or, for a shim no executor has, never).
     """
     if not name:
-        raise FlameError(grpc.StatusCode.INVALID_ARGUMENT, "application name is empty")
+        raise FrontendError(grpc.StatusCode.INVALID_ARGUMENT, "application name is empty")
     wd = spec.working_directory
     if wd and not os.path.isabs(wd):
-        raise FlameError(
+        raise FrontendError(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"working_directory must be an absolute path, got: {wd}",
         )
@@ -193,7 +185,7 @@ def _validate_application(name: str, spec: protocol.types.ApplicationSpec) -> No
                 try:
                     json.loads(getattr(spec.schema, part))
                 except ValueError as err:
-                    raise FlameError(
+                    raise FrontendError(
                         grpc.StatusCode.INVALID_ARGUMENT, f"invalid {part} schema: {err}"
                     ) from None
 
@@ -208,12 +200,12 @@ def _normalised_session_spec(spec: protocol.types.SessionSpec) -> protocol.types
     batch = out.batch_size
     if batch > 1:
         if out.min_instances % batch:
-            raise FlameError(
+            raise FrontendError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"min_instances ({out.min_instances}) must be 0 or a multiple of batch_size ({batch})",
             )
         if out.HasField("max_instances") and out.max_instances % batch:
-            raise FlameError(
+            raise FrontendError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"max_instances ({out.max_instances}) must be a multiple of batch_size ({batch})",
             )
@@ -288,7 +280,7 @@ class SessionManager:
         """Register a Host-shim application; its working_directory must be absolute."""
         _validate_application(name, spec)
         if name in self.applications:
-            raise FlameError(grpc.StatusCode.ALREADY_EXISTS, f"application <{name}> already exists")
+            raise FrontendError(grpc.StatusCode.ALREADY_EXISTS, f"application <{name}> already exists")
         self.applications[name] = ApplicationRecord(name=name, spec=spec)
         log.info("registered application %s: %s %s", name, spec.command, list(spec.arguments))
         if spec.shim != types.Host:
@@ -305,7 +297,7 @@ class SessionManager:
     def _get_application(self, name: str) -> ApplicationRecord:
         app = self.applications.get(name)
         if app is None:
-            raise FlameError(grpc.StatusCode.NOT_FOUND, f"application <{name}> not found")
+            raise FrontendError(grpc.StatusCode.NOT_FOUND, f"application <{name}> not found")
         return app
 
     def unregister_application(self, name: str) -> None:
@@ -313,7 +305,7 @@ class SessionManager:
         self._get_application(name)
         count = self._open_sessions_of(name)
         if count:
-            raise FlameError(
+            raise FrontendError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"{count} open sessions in the application <{name}>; close them first",
             )
@@ -330,7 +322,7 @@ class SessionManager:
         _validate_application(name, spec)
         count = self._open_sessions_of(name)
         if count:
-            raise FlameError(
+            raise FrontendError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"{count} open sessions in the application <{name}>; close them first",
             )
@@ -349,23 +341,23 @@ class SessionManager:
         """The session, open or closed."""
         ssn = self.sessions.get(session_id)
         if ssn is None:
-            raise FlameError(grpc.StatusCode.NOT_FOUND, f"session <{session_id}> not found")
+            raise FrontendError(grpc.StatusCode.NOT_FOUND, f"session <{session_id}> not found")
         return ssn
 
     def create_session(self, session_id: str, spec: protocol.types.SessionSpec) -> SessionRecord:
         """Open a new session (id ``<app>-<6 alphanumerics>`` when empty); start min_instances."""
         app = self._get_application(spec.application)
         if app.state != types.Enabled:
-            raise FlameError(grpc.StatusCode.FAILED_PRECONDITION, f"application <{app.name}> is disabled")
+            raise FrontendError(grpc.StatusCode.FAILED_PRECONDITION, f"application <{app.name}> is disabled")
         if spec.HasField("max_instances") and spec.max_instances < spec.min_instances:
-            raise FlameError(
+            raise FrontendError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"max_instances ({spec.max_instances}) is less than min_instances ({spec.min_instances})",
             )
         if not session_id:
             session_id = self._new_session_id(app.name)
         elif session_id in self.sessions:
-            raise FlameError(grpc.StatusCode.ALREADY_EXISTS, f"session <{session_id}> already exists")
+            raise FrontendError(grpc.StatusCode.ALREADY_EXISTS, f"session <{session_id}> already exists")
         ssn = SessionRecord(id=session_id, spec=_normalised_session_spec(spec))
         self.sessions[session_id] = ssn
         log.info("session %s opened (application %s)", session_id, app.name)
@@ -377,14 +369,14 @@ class SessionManager:
         ssn = self.sessions.get(session_id) if session_id else None
         if ssn is None:
             if spec is None:
-                raise FlameError(grpc.StatusCode.NOT_FOUND, f"session <{session_id}> not found")
+                raise FrontendError(grpc.StatusCode.NOT_FOUND, f"session <{session_id}> not found")
             return self.create_session(session_id, spec)
         if ssn.state != types.Open:
-            raise FlameError(grpc.StatusCode.FAILED_PRECONDITION, f"session <{session_id}> is not open")
+            raise FrontendError(grpc.StatusCode.FAILED_PRECONDITION, f"session <{session_id}> is not open")
         if spec is not None:
             mismatch = _spec_mismatch(ssn, _normalised_session_spec(spec))
             if mismatch:
-                raise FlameError(grpc.StatusCode.INVALID_ARGUMENT, mismatch)
+                raise FrontendError(grpc.StatusCode.INVALID_ARGUMENT, mismatch)
         return ssn
 
     def close_session(self, session_id: str) -> SessionRecord:
@@ -393,7 +385,7 @@ class SessionManager:
         if ssn.state == types.Closed:
             return ssn
         if ssn.counts[types.Running]:
-            raise FlameError(grpc.StatusCode.INTERNAL, "Cannot close session with running tasks")
+            raise FrontendError(grpc.StatusCode.INTERNAL, "Cannot close session with running tasks")
         ssn.state = types.Closed
         ssn.completion_time = now_ms()
         while ssn.pending:
@@ -410,7 +402,7 @@ class SessionManager:
         """Forget a closed session."""
         ssn = self.get_session(session_id)
         if ssn.state != types.Closed:
-            raise FlameError(
+            raise FrontendError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"session <{session_id}> is open; close it before deleting it",
             )
@@ -431,7 +423,7 @@ class SessionManager:
         """Add a Pending task (ids 1, 2, ... per session) and dispatch it at once if possible."""
         ssn = self.get_session(session_id)
         if ssn.state != types.Open:
-            raise FlameError(
+            raise FrontendError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"session <{session_id}> is closed; it accepts no new tasks",
             )
@@ -448,7 +440,7 @@ class SessionManager:
         """The task of a session."""
         task = self.get_session(session_id).tasks.get(task_id)
         if task is None:
-            raise FlameError(grpc.StatusCode.NOT_FOUND, f"task <{session_id}/{task_id}> not found")
+            raise FrontendError(grpc.StatusCode.NOT_FOUND, f"task <{session_id}/{task_id}> not found")
         return task
 
     def _set_state(
@@ -747,13 +739,13 @@ _Resp = TypeVar("_Resp")
 def _unary(
     method: Callable[[Any, _Req], _Resp],
 ) -> Callable[[Any, _Req, grpc.aio.ServicerContext], Awaitable[_Resp]]:
-    """Run a synchronous handler on the loop and turn FlameError into a gRPC status."""
+    """Run a synchronous handler on the loop and turn FrontendError into a gRPC status."""
 
     @functools.wraps(method)
     async def handler(self: Any, request: _Req, context: grpc.aio.ServicerContext) -> _Resp:
         try:
             return method(self, request)
-        except FlameError as err:
+        except FrontendError as err:
             await context.abort(err.code, err.message)
             raise  # unreachable: abort raises
 
@@ -773,7 +765,7 @@ class FrontendService(protocol.FrontendServicer):
     @_unary
     def RegisterApplication(self, request: Any) -> protocol.types.Result:
         if not request.HasField("application"):
-            raise FlameError(grpc.StatusCode.INVALID_ARGUMENT, "application spec is missing")
+            raise FrontendError(grpc.StatusCode.INVALID_ARGUMENT, "application spec is missing")
         self.m.register_application(request.name, request.application)
         return _ok()
 
@@ -785,7 +777,7 @@ class FrontendService(protocol.FrontendServicer):
     @_unary
     def UpdateApplication(self, request: Any) -> protocol.types.Result:
         if not request.HasField("application"):
-            raise FlameError(grpc.StatusCode.INVALID_ARGUMENT, "application spec is missing")
+            raise FrontendError(grpc.StatusCode.INVALID_ARGUMENT, "application spec is missing")
         self.m.update_application(request.name, request.application)
         return _ok()
 
@@ -813,13 +805,13 @@ class FrontendService(protocol.FrontendServicer):
     @_unary
     def GetNode(self, request: Any) -> protocol.frontend.GetNodeResponse:
         if request.name != self.m.node_name:
-            raise FlameError(grpc.StatusCode.NOT_FOUND, f"node <{request.name}> not found")
+            raise FrontendError(grpc.StatusCode.NOT_FOUND, f"node <{request.name}> not found")
         return frontend.GetNodeResponse(node=self.m.node())
 
     @_unary
     def CreateSession(self, request: Any) -> protocol.types.Session:
         if not request.HasField("session"):
-            raise FlameError(grpc.StatusCode.INVALID_ARGUMENT, "session spec is missing")
+            raise FrontendError(grpc.StatusCode.INVALID_ARGUMENT, "session spec is missing")
         return self.m.create_session(request.session_id, request.session).to_proto()
 
     @_unary
@@ -846,7 +838,7 @@ class FrontendService(protocol.FrontendServicer):
     @_unary
     def CreateTask(self, request: Any) -> protocol.types.Task:
         if not request.HasField("task"):
-            raise FlameError(grpc.StatusCode.INVALID_ARGUMENT, "task spec is missing")
+            raise FrontendError(grpc.StatusCode.INVALID_ARGUMENT, "task spec is missing")
         spec = request.task
         data = spec.input if spec.HasField("input") else None
         return self.m.create_task(spec.session_id, data).to_proto(with_events=False)
@@ -860,7 +852,7 @@ class FrontendService(protocol.FrontendServicer):
     ) -> AsyncIterator[protocol.types.Task]:
         try:
             task = self.m.get_task(request.session_id, request.task_id)
-        except FlameError as err:
+        except FrontendError as err:
             await context.abort(err.code, err.message)
         # Register before sending the current state, so no change can fall in between.
         queue: asyncio.Queue[protocol.types.Task] = asyncio.Queue()
@@ -881,7 +873,7 @@ class FrontendService(protocol.FrontendServicer):
     ) -> AsyncIterator[protocol.types.Task]:
         try:
             ssn = self.m.get_session(request.session_id)
-        except FlameError as err:
+        except FrontendError as err:
             await context.abort(err.code, err.message)
         for task in list(ssn.tasks.values()):
             yield task.to_proto(with_events=False)
