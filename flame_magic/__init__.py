@@ -5,9 +5,13 @@ Load it in IPython or Jupyter with ``%load_ext flame_magic``.
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("flame-magic")
+except PackageNotFoundError:  # sources without an installed distribution
+    __version__ = "0+unknown"
 
 
 def load_ipython_extension(ip: Any) -> None:

@@ -18,7 +18,7 @@ from IPython.core.magic_arguments import argument, argument_group, magic_argumen
 from IPython.display import display, publish_display_data
 from traitlets import Bool, Float, Int, List, Unicode
 
-from flame_magic import codec, debugger, deploy
+from flame_magic import applications, codec, debugger, deploy
 from flame_magic.background import current_parent, follow, output_to
 from flame_magic.capture import ShipError, analyse, pack
 from flame_magic.client import FlameError, SessionGoneError, SessionStartError
@@ -669,7 +669,9 @@ class FlameMagics(Magics):
         "close: the NAME of a session (%%flmrun --session NAME) to close only it.",
     )
     @argument("--ca-file", metavar="PATH", help="connect: CA certificate for https:// endpoints.")
-    @argument("--name", metavar="NAME", help=f"deploy: application name (default: {deploy.DEFAULT_NAME}).")
+    @argument(
+        "--name", metavar="NAME", help=f"deploy: application name (default: {applications.DEFAULT_NAME})."
+    )
     @argument(
         "--url",
         metavar="URL",
@@ -760,7 +762,7 @@ class FlameMagics(Magics):
     def _deploy(self, args: Any) -> None:
         connection = self.connection()
         client = connection.client()
-        name = args.name or deploy.DEFAULT_NAME
+        name = args.name or applications.DEFAULT_NAME
         try:
             spec = deploy.choose_spec(
                 url=args.url,
@@ -820,10 +822,10 @@ class FlameMagics(Magics):
 
     @staticmethod
     def _show_applications(connection: Connection) -> None:
-        applications = connection.applications()
-        print(f"Applications: {', '.join(deploy.describe(a) for a in applications) or 'none'}")
-        mine = next((a for a in applications if a.metadata.name == connection.application), None)
-        problem = deploy.check_application(mine, connection.application, connection.endpoint)
+        listed = connection.applications()
+        print(f"Applications: {', '.join(applications.describe(a) for a in listed) or 'none'}")
+        mine = next((a for a in listed if a.metadata.name == connection.application), None)
+        problem = applications.check_application(mine, connection.application, connection.endpoint)
         if problem:
             print(problem)
 

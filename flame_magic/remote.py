@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from flame_magic import codec, deploy, protocol
+from flame_magic import codec
+from flame_magic.applications import automatic_application, check_application, is_stock_runner
 from flame_magic.backends import OWN_RUNNER, Backend, backend_for
 from flame_magic.cache import CacheClient, CacheError, ObjectNotFound, ObjectRef
 from flame_magic.capture import ShipError, check_size
@@ -28,7 +29,6 @@ from flame_magic.client import (
     new_session_id,
 )
 from flame_magic.config import Target, resolve_cache
-from flame_magic.deploy import check_application, is_stock_runner
 from flame_magic.errors import CellFailed
 from flame_magic.modules import Environment
 from flame_magic.protocol import MAX_MESSAGE_BYTES, cell, types
@@ -123,19 +123,6 @@ class LiveChannel:
                 self.cache.delete(key)
             except CacheError:
                 pass
-
-
-def automatic_application(client: FlameClient) -> str:
-    """The application automatic selection picks on the Flame behind ``client``.
-
-    flame-magic's runner registered under its own name (:data:`deploy.DEFAULT_NAME`, as
-    the embedded Flame and ``%flame deploy`` register it) when the Flame has it, else
-    Flame's default ``flmrun``.
-    """
-    ours = client.get_application(deploy.DEFAULT_NAME)
-    if ours is not None and deploy.is_our_runner(ours.spec):
-        return deploy.DEFAULT_NAME
-    return protocol.FLMRUN
 
 
 class Connection:
