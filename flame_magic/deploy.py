@@ -35,7 +35,7 @@ from urllib.parse import unquote, urlsplit
 from flame_magic import codec
 from flame_magic.applications import DEFAULT_NAME, RUNNER_MODULE, is_our_runner
 from flame_magic.client import FlameClient
-from flame_magic.errors import FlameError
+from flame_magic.errors import FlameError, RequestError
 from flame_magic.protocol import types
 
 # A notebook user runs a cell, reads, edits and runs the next: keep the runner (and what
@@ -218,20 +218,20 @@ def choose_spec(
 
     Raises
     ------
-    ValueError
+    RequestError
         For options that do not go together or are missing, with what to write instead.
     """
     if url and installed:
-        raise ValueError("Give either --url (Flame installs the package) or --installed, not both.")
+        raise RequestError("Give either --url (Flame installs the package) or --installed, not both.")
     if python and url:
-        raise ValueError("--python goes with --installed: with --url, Flame picks Python " + PYTHON_VERSION)
+        raise RequestError("--python goes with --installed: with --url, Flame picks Python " + PYTHON_VERSION)
     if url:
         return runner_spec(url=package_url(url))
     if installed or embedded:
         if embedded:
             return runner_spec(python=python or sys.executable, working_directory=os.getcwd())
         return runner_spec(python=python)
-    raise ValueError(
+    raise RequestError(
         "Say how the executors get flame-magic's runner: `%flame deploy --url file:///shared/dir/` "
         "builds the package into a directory every executor reads at the same path and lets Flame "
         "install it; `%flame deploy --installed [--python PYTHON]` runs a runner installed there."

@@ -188,6 +188,21 @@ DEFAULT = SessionKey()
 
 
 @dataclass
+class SessionInfo:
+    """One line of ``%flame status``."""
+
+    session_id: str
+    application: str
+    state: str
+    pending: int
+    running: int
+    succeed: int
+    failed: int
+    cancelled: int
+    label: str = ""  # e.g. "named 'train', up to 4 instances"; empty for the default session
+
+
+@dataclass
 class Closing:
     """What ``%flame close`` did: the sessions closed, and those Flame kept open, with its reason."""
 

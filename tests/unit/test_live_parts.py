@@ -8,6 +8,7 @@ from flame_magic.config import EMBEDDED
 from flame_magic.errors import CellFailed
 from flame_magic.protocol import cell
 from flame_magic.remote import Connection
+from flame_magic.runs import Runs
 from flame_magic_runner.evaluate import _Recorder
 
 
@@ -35,4 +36,4 @@ def test_interrupt_without_a_cache_stops_waiting_with_a_clear_message():
 
     connection = Connection(EMBEDDED, "flmrun", 1.0)
     with pytest.raises(CellFailed, match="could not be interrupted.*keeps running"):
-        connection._wait(Client(), "s", "t", None, 5.0)  # type: ignore[arg-type]
+        Runs(connection)._wait(Client(), "s", "t", None, 5.0)  # type: ignore[arg-type]
