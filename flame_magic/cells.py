@@ -12,7 +12,7 @@ from typing import Any
 
 from IPython.core.error import UsageError
 
-from flame_magic.engine import parse
+from flame_magic.results import parse
 
 # The cell body starts on the line after `%%flmrun`, and tracebacks should
 # count lines the way the notebook shows them.

@@ -26,129 +26,28 @@ behind :mod:`flame_magic.backends`: nothing here depends on which one a session 
 from __future__ import annotations
 
 import ast
-import json
 import os
-import queue
-import threading
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-from flame_magic import codec, debugger, deploy
+from flame_magic import codec, deploy
 from flame_magic.applications import check_application, is_stock_runner
 from flame_magic.background import CellFuture, follow
 from flame_magic.capture import analyse, pack
+from flame_magic.client import FlameClient
 from flame_magic.config import Target, resolve
 from flame_magic.errors import (
     CellFailed,
-    RemoteError,
-    RunnerStartTimeout,
-    SessionGoneError,
-    SessionStartError,
 )
-from flame_magic.fanout import MapOutcome, MapRun, Progress, item_payloads, iter_item_payloads
-from flame_magic.live import LiveChannel
+from flame_magic.fanout import MapOutcome, Progress
+from flame_magic.maps import Maps
 from flame_magic.protocol import cell, types
 from flame_magic.remote import AUTOMATIC, Connection
-from flame_magic.runners import RunnerCount
-from flame_magic.runs import TASK_INPUT_LIMIT, Runs
+from flame_magic.results import Prepared, RemoteRepr, Result, load_result, load_value, parse
+from flame_magic.runs import Runs
 from flame_magic.sessions import DEFAULT, Closing, SessionKey
 
 Show = Callable[[cell.Output], None]
-
-
-class RemoteRepr:
-    """The last expression's value as the runner showed it (its value did not come back)."""
-
-    def __init__(self, bundle: cell.MimeBundle) -> None:
-        self._data = json.loads(bundle.data_json)
-        self._metadata = json.loads(bundle.metadata_json or "{}")
-
-    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict, dict]:
-        return self._data, self._metadata
-
-    def __repr__(self) -> str:
-        return str(self._data.get("text/plain", "<remote value>"))
-
-
-@dataclass
-class Result:
-    """What one cell gave.
-
-    Attributes
-    ----------
-    value
-        Its last expression's value (None when it ends with a statement); a
-        :class:`RemoteRepr` when the value cannot be loaded here.
-    outputs
-        What it printed and displayed, in order (``cell.Output`` messages), apart from what a
-        ``show`` function was given while it ran.
-    assigned
-        The names it bound that came back, with their values.
-    error
-        Its exception (raised by :meth:`Engine.run`), or None.
-    not_returned
-        Names that stayed on the runner, with why.
-    unloadable
-        Names that came back but cannot be loaded here, with why.
-    missing
-        Names asked for (``assign=[...]``) that the cell did not bind.
-    """
-
-    value: Any = None
-    outputs: list[cell.Output] = field(default_factory=list)
-    assigned: dict[str, Any] = field(default_factory=dict)
-    error: RemoteError | None = None
-    not_returned: dict[str, str] = field(default_factory=dict)
-    unloadable: dict[str, str] = field(default_factory=dict)
-    missing: list[str] = field(default_factory=list)
-
-    @property
-    def stdout(self) -> str:
-        """What the cell printed to standard output (in ``outputs``)."""
-        return "".join(
-            o.stream.text for o in self.outputs if o.HasField("stream") and o.stream.name == "stdout"
-        )
-
-    @property
-    def stderr(self) -> str:
-        """What the cell printed to standard error (in ``outputs``)."""
-        return "".join(
-            o.stream.text for o in self.outputs if o.HasField("stream") and o.stream.name == "stderr"
-        )
-
-
-@dataclass
-class Prepared:
-    """A cell ready to send: its request, and where it runs.
-
-    Attributes
-    ----------
-    request
-        The cell as it travels (inputs packed, large ones already in the object cache).
-    key
-        The session it runs in.
-    session_id
-        Its own session, opened for it (a background cell's), or None.
-    item
-        ``map``: the name each item is bound to.
-    asked
-        The names asked for by name (``assign=[...]``), or None for every name it binds.
-    """
-
-    request: cell.CellRequest
-    key: SessionKey
-    session_id: str | None = None
-    item: str | None = None
-    asked: list[str] | None = None
-
-
-def parse(source: str, filename: str) -> ast.Module:
-    """The cell's tree; a SyntaxError also for what only the compiler finds (``return`` at top level)."""
-    tree = ast.parse(source, filename)
-    compile(tree, filename, "exec", flags=ast.PyCF_ALLOW_TOP_LEVEL_AWAIT, dont_inherit=True)
-    return tree
 
 
 class Engine:
@@ -174,6 +73,8 @@ class Engine:
         Refuse cells that need a package the runner lacks or has at another version.
     notify
         Called with notes for the user (a session replaced, a Python copy registered...).
+    client
+        A Frontend client already connected to ``target`` (unit tests give a fake Flame).
     """
 
     def __init__(
@@ -188,14 +89,15 @@ class Engine:
         requirements: Sequence[str] = (),
         check_packages: bool = True,
         notify: Callable[[str], None] | None = None,
+        client: FlameClient | None = None,
     ) -> None:
-        self.connection = Connection(
-            target if target is not None else resolve(), application, connect_timeout
-        )
+        target = target if target is not None else resolve()
+        self.connection = Connection(target, application, connect_timeout, client)
         self.connection.start_timeout = start_timeout
         if notify is not None:
             self.connection.notify = notify
         self.runs = Runs(self.connection)
+        self.maps = Maps(self.connection, self.runs, lambda raw: load_value(raw, self.connection.load))
         self.timeout = timeout
         self.interrupt_grace = interrupt_grace
         self.requirements = list(requirements)
@@ -272,7 +174,7 @@ class Engine:
             send_frames=not return_exceptions,
             samples=listed if isinstance(listed, list) else (),
         )
-        return self._ordered(prepared, listed, return_exceptions)
+        return self.maps.ordered(prepared, listed, return_exceptions)
 
     def submit(
         self,
@@ -372,47 +274,7 @@ class Engine:
     def execute(self, prepared: Prepared, show: Show | None = None) -> Result:
         """Run a prepared cell in its session and wait for it (an interrupt reaches the remote cell)."""
         raw, session_id = self.runs.run(prepared.request, prepared.key, show=show, grace=self.interrupt_grace)
-        return self.result(raw, prepared.asked, session_id)
-
-    def result(
-        self, raw: cell.CellResult, asked: list[str] | None = None, session_id: str | None = None
-    ) -> Result:
-        """A :class:`Result` from the runner's ``CellResult``: values loaded, the error rebuilt.
-
-        ``session_id``: where ``%debug`` can ask for a failure's frames later.
-        """
-        result = Result(outputs=list(raw.outputs))
-        for value in raw.assigned:
-            try:
-                result.assigned[value.name] = self.connection.load(value)
-            except Exception as exc:
-                result.unloadable[value.name] = f"{type(exc).__name__}: {exc}"
-        result.not_returned = {missing.name: missing.reason for missing in raw.not_returned}
-        if raw.HasField("error"):
-            fetch = debugger.fetcher(self.runs.ask, session_id) if session_id else None
-            result.error = debugger.remote_failure(raw.error, fetch)
-            return result
-        came = {*result.assigned, *result.unloadable, *result.not_returned}
-        result.missing = [name for name in asked or () if name not in came]
-        result.value = self.value_of(raw)
-        return result
-
-    def value_of(self, raw: cell.CellResult) -> Any:
-        """The cell's last value: unpickled, else as the runner showed it; None if there is none."""
-        has_value = raw.HasField("result_pickle") or raw.HasField("result_value")
-        if not raw.HasField("result") and not has_value:
-            return None
-        if has_value:
-            try:
-                if raw.HasField("result_value"):
-                    return self.connection.load(raw.result_value)
-                return codec.loads(raw.result_pickle)
-            except Exception as exc:
-                if not raw.HasField("result"):  # a map item: the runner made no rendering
-                    text = f"<value that cannot be loaded here: {type(exc).__name__}: {exc}>"
-                    return RemoteRepr(cell.MimeBundle(data_json=json.dumps({"text/plain": text})))
-                # e.g. its library is not installed here: show the runner's rendering
-        return RemoteRepr(raw.result)
+        return load_result(raw, self.connection.load, self.runs.ask, prepared.asked, session_id)
 
     def run_map(
         self,
@@ -422,133 +284,11 @@ class Engine:
         return_exceptions: bool = False,
         show: Show | None = None,
         on_progress: Callable[[Progress], None] | None = None,
-        started: Callable[[MapRun], None] | None = None,
     ) -> MapOutcome:
-        """Run a prepared cell once per item, in the session of ``prepared.key``.
-
-        A map that stopped (a failure, an interrupt, Flame) closes its session, unless it is
-        named; what finished is in the outcome. ``show`` is given the items' outputs in input
-        order as they come (else they are in the outcome); ``started`` the run, as it starts.
-        """
-        assert prepared.item is not None
-        if isinstance(items, list) and not items:
-            return MapOutcome(results=[])
-        connection = self.connection
-        seen: list[Any] = items if isinstance(items, list) else []
-        session_id = connection.session(prepared.key)
-        shared = self.runs.prepare(prepared.request, session_id)
-        # With a cache, each item's live output on a channel of its own, shown in input order.
-        channel = uuid.uuid4().hex if prepared.request.HasField("cache") and show is not None else ""
-        payloads: Iterable[bytes]
-        if isinstance(items, list):  # every item is checked before any is sent
-            payloads = [
-                self.runs.task_input(session_id, payload)
-                for payload in item_payloads(shared, prepared.item, items, TASK_INPUT_LIMIT, channel)
-            ]
-        else:  # read as the map goes; the items seen are kept for the messages
-            payloads = (
-                self.runs.task_input(session_id, payload)
-                for payload in iter_item_payloads(
-                    shared, prepared.item, _kept(items, seen), TASK_INPUT_LIMIT, channel
-                )
-            )
-        client = connection.client()
-        runners = RunnerCount(client, session_id)
-        waiting = self.runs.pending_watch(session_id)
-
-        def progress(done: Progress) -> None:
-            if on_progress is not None:
-                on_progress(done)
-            runners.sample()
-            if done.done == 0:
-                waiting()  # a map whose runners do not start, or that finds no room, says so
-
-        def live(index: int) -> LiveChannel | None:
-            assert show is not None
-            return self.runs.live_channel(session_id, show, f"{channel}-{index}")
-
-        run = MapRun(
-            client,
-            session_id,
-            payloads,
-            prepared.key.instances,
-            result_of=self.runs.result_of,
-            value_of=self.value_of,
-            stop_at_failure=not return_exceptions,
-            on_progress=progress,
-            show=show,
-            live=live if channel else None,
+        """Run a prepared cell once per item; the whole outcome (see :meth:`Maps.run`)."""
+        return self.maps.run(
+            prepared, items, return_exceptions=return_exceptions, show=show, on_progress=on_progress
         )
-        if started is not None:
-            started(run)
-        try:
-            outcome = run.run()
-        except RunnerStartTimeout as exc:
-            connection.close_session(session_id)
-            raise CellFailed(f"{exc}. The map's session was closed.") from None
-        runners.sample(force=True)
-        outcome.items = seen
-        outcome.runners = runners.most if runners.known else None
-        self._after_map(prepared.key, session_id, outcome, return_exceptions)
-        return outcome
-
-    def _after_map(
-        self, key: SessionKey, session_id: str, outcome: MapOutcome, return_exceptions: bool
-    ) -> None:
-        """Close a stopped map's session: it cancels the items sent but not started."""
-        failed = outcome.failure is not None and not return_exceptions
-        if not (outcome.interrupted or outcome.fatal is not None or failed):
-            return
-        if key.name is None:
-            self.connection.close_session(session_id)  # refused while an item still runs
-        fatal = outcome.fatal
-        if isinstance(fatal, SessionStartError):
-            self.connection.close_session(session_id)  # its runners cannot start: a new one next time
-        elif fatal is not None and (
-            isinstance(fatal, SessionGoneError) or self.connection.session_gone(session_id)
-        ):
-            self.connection.forget(session_id)
-
-    def _ordered(
-        self, prepared: Prepared, items: list[Any] | Iterator[Any], return_exceptions: bool
-    ) -> Iterator[Any]:
-        """:meth:`map`'s results, in input order, from a map running on a thread of its own."""
-        runs: queue.SimpleQueue[MapRun | None] = queue.SimpleQueue()
-        box: dict[str, Any] = {}
-
-        def work() -> None:
-            try:
-                box["outcome"] = self.run_map(
-                    prepared, items, return_exceptions=return_exceptions, started=runs.put
-                )
-            except BaseException as exc:  # noqa: B036 - raised to the caller
-                box["error"] = exc
-            finally:
-                runs.put(None)
-
-        thread = threading.Thread(target=work, name="flmrun-map", daemon=True)
-        thread.start()
-        run = runs.get()
-        try:
-            if run is not None:
-                for _, value in run.ordered():
-                    if isinstance(value, BaseException) and not return_exceptions:
-                        break  # raised below, with its item named
-                    yield value
-        finally:
-            if run is not None:
-                run.stop()
-            thread.join()
-        if "error" in box:
-            raise box["error"]
-        outcome: MapOutcome = box["outcome"]
-        if outcome.fatal is not None:
-            raise outcome.fatal
-        if outcome.failure is not None and not return_exceptions:
-            index, error = outcome.failure
-            item = outcome.items[index] if index < len(outcome.items) else "?"
-            debugger.name_failure(error, f"item {index} of the map ({prepared.item}={item!r})")
-            raise error
 
     def start(
         self,
@@ -594,7 +334,7 @@ class Engine:
 
         def done(task: types.Task) -> Any:
             def get() -> Result:
-                return self.result(self.runs.result_of(task), prepared.asked)
+                return load_result(self.runs.result_of(task), self.connection.load, asked=prepared.asked)
 
             return (finish or _result_or_error)(get)
 
@@ -686,13 +426,6 @@ def _result_or_error(get: Callable[[], Result]) -> Result:
     if result.error is not None:
         raise result.error
     return result
-
-
-def _kept(items: Iterator[Any], seen: list[Any]) -> Iterator[Any]:
-    """``items``, each also appended to ``seen``."""
-    for item in items:
-        seen.append(item)
-        yield item
 
 
 def _note_modules(item: Any) -> None:

@@ -22,7 +22,7 @@ from traitlets import Bool, Float, Int, List, Unicode
 from flame_magic import applications, debugger, deploy
 from flame_magic.cells import FIRST_BODY_LINE, fail_with_syntax_error, parse_cell, prompt_number
 from flame_magic.config import Target, resolve, target_for
-from flame_magic.engine import Engine, Result
+from flame_magic.engine import Engine
 from flame_magic.errors import CellFailed, FlameError, UsageProblem
 from flame_magic.presentation import (
     current_parent,
@@ -36,6 +36,7 @@ from flame_magic.presentation import (
 from flame_magic.progress import ProgressDisplay
 from flame_magic.protocol import cell
 from flame_magic.remote import Connection
+from flame_magic.results import Prepared, Result
 from flame_magic.sessions import Plan, plan, take_map_option
 
 
@@ -267,7 +268,7 @@ class FlameMagics(Magics):
     def _default_instances(self) -> int:
         return int(self.map_instances) if self.map_instances > 0 else self.engine().default_instances()
 
-    def _map(self, where: Plan, prepared: Any) -> Any:
+    def _map(self, where: Plan, prepared: Prepared) -> Any:
         """Run a --map cell with a progress display, and present its results."""
         assert where.item is not None and where.items is not None
         progress = ProgressDisplay(self.shell, f"flmrun --map {where.item}={where.source}")
@@ -290,7 +291,7 @@ class FlameMagics(Magics):
             outcome, where.item, where.into, self.shell.user_ns, where.key.instances, where.return_exceptions
         )
 
-    def _background(self, name: str, prepared: Any) -> None:
+    def _background(self, name: str, prepared: Prepared) -> None:
         """Start a --background cell and store its handle in the notebook."""
         parent = current_parent(self.shell)
 

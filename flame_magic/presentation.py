@@ -20,10 +20,10 @@ from typing import Any
 from IPython.display import publish_display_data
 
 from flame_magic import debugger
-from flame_magic.engine import Result
 from flame_magic.errors import CellFailed, MapInterrupted, add_note
 from flame_magic.fanout import NOT_DONE, MapOutcome
 from flame_magic.protocol import cell
+from flame_magic.results import Result
 
 
 def note(message: str) -> None:

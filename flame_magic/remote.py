@@ -44,9 +44,13 @@ class Connection:
         picks one when first needed (see :func:`automatic_application`).
     connect_timeout
         Seconds to wait for the session manager before giving up.
+    client
+        A Frontend client already connected to ``target`` (unit tests give a fake Flame).
     """
 
-    def __init__(self, target: Target, application: str, connect_timeout: float) -> None:
+    def __init__(
+        self, target: Target, application: str, connect_timeout: float, client: FlameClient | None = None
+    ) -> None:
         self.target = target
         #: The application asked for: a name, or AUTOMATIC.
         self.requested = application
@@ -54,7 +58,7 @@ class Connection:
         self.connect_timeout = connect_timeout
         self._lock = threading.RLock()
         self._embedded: EmbeddedFlame | None = None
-        self._client: FlameClient | None = None
+        self._client: FlameClient | None = client
         self._session_id: str | None = None
         # Sessions other than the default one, by what they were opened for (--session, --map...).
         self._keyed: dict[SessionKey, str] = {}
