@@ -17,7 +17,7 @@ engine
     ``engine`` (the Python API), ``remote`` (the connection and its sessions), ``runs``
     (one cell's task), ``maps`` and ``fanout`` (a cell over items), ``background``,
     ``results``, ``live``, ``backends`` and ``stock`` (the two kinds of runner), ``sessions``,
-    ``runners``, ``capture``, ``modules``, ``debugger``. Nothing here imports IPython.
+    ``runners``, ``capture``, ``modules`` and ``locator``, ``debugger``. Nothing here imports IPython.
 magics
     ``magics`` (options), ``cells`` (a cell's source as IPython knows it),
     ``presentation``, ``progress``.

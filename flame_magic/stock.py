@@ -62,7 +62,7 @@ _MISSING_NOTES = {
 }
 
 _RUNNER_MODULES = ("evaluate", "live", "fdcapture", "stock", "environment", "modules", "debug")
-_NOTEBOOK_MODULES = ("codec", "cache", "transfer", "capture", "errors", "modules")
+_NOTEBOOK_MODULES = ("codec", "cache", "transfer", "capture", "errors", "modules", "locator")
 
 
 @dataclass(frozen=True)

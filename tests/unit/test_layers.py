@@ -34,6 +34,7 @@ NOTEBOOK = {
     # engine: sessions, runs, backends; no IPython
     "flame_magic.capture": ENGINE,
     "flame_magic.modules": ENGINE,
+    "flame_magic.locator": ENGINE,
     "flame_magic.sessions": ENGINE,
     "flame_magic.runners": ENGINE,
     "flame_magic.backends": ENGINE,
