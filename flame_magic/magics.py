@@ -30,8 +30,10 @@ from flame_magic.presentation import (
     output_to,
     present,
     present_map,
+    show_applications,
     show_error,
     show_output,
+    show_status,
 )
 from flame_magic.progress import ProgressDisplay
 from flame_magic.protocol import cell
@@ -396,7 +398,7 @@ class FlameMagics(Magics):
             elif args.action == "close":
                 self._close(args.target)
             else:
-                self._status()
+                show_status(self.engine())
 
     def _close(self, name: str | None = None) -> None:
         engine = self.engine()
@@ -435,7 +437,7 @@ class FlameMagics(Magics):
         self.shutdown()
         self._engine = engine
         print(f"Connected to Flame at {engine.connection.endpoint} [{target.source}].")
-        self._show_applications(engine.connection)
+        show_applications(engine.connection)
 
     def _deploy(self, args: Any) -> None:
         engine = self.engine()
@@ -464,37 +466,6 @@ class FlameMagics(Magics):
             f"Application {name!r} {done.action} on Flame at {endpoint}: `{command}`{where}. "
             f"This notebook now uses it (FlameMagics.application = {name!r})."
         )
-
-    def _status(self) -> None:
-        engine = self.engine()
-        connection = engine.connection
-        print(f"Flame: {connection.endpoint or '(embedded, not started yet)'} [{connection.target.source}]")
-        if connection.endpoint:
-            self._show_applications(connection)
-        print(f"Application: {connection.application}")
-        if connection.endpoint:
-            print(f"Path: {engine.path()}")
-        for line in connection.environment.status():
-            print(line)
-        sessions = connection.sessions()
-        if not sessions:
-            print("Sessions: none yet")
-        for info in sessions:
-            label = f" [{info.label}]" if info.label else ""
-            print(
-                f"Session {info.session_id}{label} ({info.application}, {info.state}): "
-                f"{info.pending} pending, {info.running} running, {info.succeed} succeeded, "
-                f"{info.failed} failed, {info.cancelled} cancelled"
-            )
-
-    @staticmethod
-    def _show_applications(connection: Connection) -> None:
-        listed = connection.applications()
-        print(f"Applications: {', '.join(applications.describe(a) for a in listed) or 'none'}")
-        mine = next((a for a in listed if a.metadata.name == connection.application), None)
-        problem = applications.check_application(mine, connection.application, connection.endpoint)
-        if problem:
-            print(problem)
 
 
 def load(ip: Any) -> None:

@@ -19,10 +19,12 @@ from typing import Any
 
 from IPython.display import publish_display_data
 
-from flame_magic import debugger
+from flame_magic import applications, debugger
+from flame_magic.engine import Engine
 from flame_magic.errors import CellFailed, MapInterrupted, add_note
 from flame_magic.fanout import NOT_DONE, MapOutcome
 from flame_magic.protocol import cell
+from flame_magic.remote import Connection
 from flame_magic.results import Result
 
 
@@ -160,3 +162,36 @@ def output_to(shell: Any, parent: Any) -> Iterator[None]:
             with contextlib.suppress(Exception):
                 stream.flush()
         shell.reset_thread_parent(tokens)
+
+
+def show_status(engine: Engine) -> None:
+    """``%flame status``: the Flame in use, its applications, the path, the modules and sessions."""
+    connection = engine.connection
+    print(f"Flame: {connection.endpoint or '(embedded, not started yet)'} [{connection.target.source}]")
+    if connection.endpoint:
+        show_applications(connection)
+    print(f"Application: {connection.application}")
+    if connection.endpoint:
+        print(f"Path: {engine.path()}")
+    for line in connection.environment.status():
+        print(line)
+    sessions = connection.sessions()
+    if not sessions:
+        print("Sessions: none yet")
+    for info in sessions:
+        label = f" [{info.label}]" if info.label else ""
+        print(
+            f"Session {info.session_id}{label} ({info.application}, {info.state}): "
+            f"{info.pending} pending, {info.running} running, {info.succeed} succeeded, "
+            f"{info.failed} failed, {info.cancelled} cancelled"
+        )
+
+
+def show_applications(connection: Connection) -> None:
+    """The applications of the Flame in use, and what stops the notebook's from running cells."""
+    listed = connection.applications()
+    print(f"Applications: {', '.join(applications.describe(a) for a in listed) or 'none'}")
+    mine = next((a for a in listed if a.metadata.name == connection.application), None)
+    problem = applications.check_application(mine, connection.application, connection.endpoint)
+    if problem:
+        print(problem)

@@ -1,8 +1,10 @@
-"""A notebook's link to Flame: which Flame, which session, and running one cell there.
+"""A notebook's link to Flame: which Flame, its object cache, and the notebook's sessions.
 
-This is the engine behind the magics. It knows Flame (through the client), the
-envelope (through the codec) and Flame's object cache, through which large values
-travel (through the shippers of :mod:`flame_magic.transfer`); it does not present anything.
+:class:`Connection` starts the embedded Flame or reaches a cluster, opens the sessions
+cells ask for (by :class:`~flame_magic.sessions.SessionKey`), reuses, replaces and closes
+them, and keeps what each session stored in the object cache (the shippers of
+:mod:`flame_magic.transfer`). Running a cell in one of them is :mod:`flame_magic.runs`'s;
+the public API over both is :mod:`flame_magic.engine`. Nothing here presents anything.
 """
 
 from __future__ import annotations
