@@ -184,7 +184,12 @@ class FakeFlame:
                 code=EVENT_TASK_FAILED, message="transport error: Connection refused (os error 111)"
             )
             return task
-        request = codec.decode(cell.CellRequest, task_input, "the notebook")
+        try:
+            request = codec.decode(cell.CellRequest, task_input, "the notebook")
+        except codec.PayloadError as exc:  # the runner's service answers so, with no output
+            task.status.state = types.Failed
+            task.status.events.add(code=EVENT_TASK_FAILED, message=str(exc))
+            return task
         result = self.runners[session_id].evaluate(request)
         task.spec.output = codec.encode(result)
         task.status.state = types.Succeed
