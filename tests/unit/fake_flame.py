@@ -151,6 +151,10 @@ class FakeFlame:
 
     def get_task(self, session_id: str, task_id: str) -> types.Task:
         with self._cond:
+            if (session_id, task_id) not in self.tasks:
+                raise FlameError(
+                    f"get task {task_id} of {session_id!r}: task <{session_id}/{task_id}> not found"
+                )
             return self.tasks[(session_id, task_id)]
 
     def get_tasks(self, session_id: str, task_ids: Iterable[str], depth: int = 16) -> Iterator[types.Task]:
