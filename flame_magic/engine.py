@@ -272,9 +272,21 @@ class Engine:
         return Prepared(request, key, session_id, item, asked if item is None else None)
 
     def execute(self, prepared: Prepared, show: Show | None = None) -> Result:
-        """Run a prepared cell in its session and wait for it (an interrupt reaches the remote cell)."""
-        raw, session_id = self.runs.run(prepared.request, prepared.key, show=show, grace=self.interrupt_grace)
-        return load_result(raw, self.connection.load, self.runs.ask, prepared.asked, session_id)
+        """Run a prepared cell in its session and wait for it (an interrupt reaches the remote cell).
+
+        ``show`` is given what the cell shows while it runs; without it, all of it is in the
+        result's ``outputs``.
+        """
+        # What the cell shows while it runs comes through the live channel, which also carries an
+        # interrupt: without a ``show``, it is kept for the result.
+        streamed: list[cell.Output] = []
+        grace = self.interrupt_grace
+        raw, session_id = self.runs.run(
+            prepared.request, prepared.key, show=show or streamed.append, grace=grace
+        )
+        result = load_result(raw, self.connection.load, self.runs.ask, prepared.asked, session_id)
+        result.outputs[:0] = streamed
+        return result
 
     def run_map(
         self,

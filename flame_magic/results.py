@@ -46,7 +46,7 @@ class Result:
         Its last expression's value (None when it ends with a statement); a
         :class:`RemoteRepr` when the value cannot be loaded here.
     outputs
-        What it printed and displayed, in order (``cell.Output`` messages), apart from what a
+        What it printed and displayed, in order (``cell.Output`` messages), but for what a
         ``show`` function was given while it ran.
     assigned
         The names it bound that came back, with their values.
