@@ -370,6 +370,16 @@ class Engine:
 
     # -- its Flame and its sessions ---------------------------------------------------------
 
+    def connect(self) -> str:
+        """Reach Flame now (starting the embedded one), and return its endpoint.
+
+        Raises
+        ------
+        flame_magic.errors.FlameError
+            If Flame cannot be reached; the message names the endpoint.
+        """
+        return self.connection.client().endpoint
+
     def use_application(self, application: str) -> None:
         """Run the next cells on ``application`` (AUTOMATIC: choose again), in new sessions."""
         if self.connection.requested != application:

@@ -430,19 +430,19 @@ class FlameMagics(Magics):
         target = target_for(name, ca_file) if name else resolve()
         engine = self._new_engine(target)
         try:
-            engine.connection.client()  # fails here, naming the endpoint, if Flame cannot be reached
+            endpoint = engine.connect()  # fails here, naming the endpoint, if Flame cannot be reached
         except BaseException:
             engine.close()
             raise
         self.shutdown()
         self._engine = engine
-        print(f"Connected to Flame at {engine.connection.endpoint} [{target.source}].")
+        print(f"Connected to Flame at {endpoint} [{target.source}].")
         show_applications(engine.connection)
 
     def _deploy(self, args: Any) -> None:
         engine = self.engine()
         connection = engine.connection
-        endpoint = connection.client().endpoint
+        endpoint = engine.connect()
         spec = deploy.choose_spec(
             url=args.url, installed=args.installed, python=args.python, embedded=connection.target.embedded
         )
