@@ -264,22 +264,10 @@ class Connection:
                 )
             self.forget(session_id)
 
-    def release_idle_maps(self, waiting: str) -> list[str]:
-        """Close this notebook's idle ``--map`` sessions (kept for the next map), so that a cell
-        of ``waiting`` gets their executors; return the ids closed."""
+    def idle_maps(self, waiting: str) -> list[str]:
+        """This notebook's ``--map`` sessions kept for the next map (no warm runner), but ``waiting``."""
         with self._lock:
-            candidates = [
-                v for k, v in self._keyed.items() if k.name is None and k.warm == 0 and v != waiting
-            ]
-        closed = []
-        for session_id in candidates:
-            try:
-                status = self.client().get_session(session_id).status
-            except FlameError:
-                continue
-            if not status.pending and not status.running and self.close_session(session_id):
-                closed.append(session_id)
-        return closed
+            return [v for k, v in self._keyed.items() if k.name is None and k.warm == 0 and v != waiting]
 
     def describe(self, session_id: str) -> str | None:
         """How to name one of this notebook's open sessions to the user, and how to close it."""
@@ -454,30 +442,17 @@ class Connection:
         if self.drop_stopped_embedded("the next cell starts a new one") or self._client is None:
             return []
         mine = set(self.session_ids)
-        infos = []
         try:
             listed = self._client.list_sessions()
         except FlameError:
             if self.drop_stopped_embedded("the next cell starts a new one", wait=1.0):
                 return []
             raise
-        for session in listed:
-            if session.metadata.id in mine:
-                status = session.status
-                infos.append(
-                    SessionInfo(
-                        session_id=session.metadata.id,
-                        application=session.spec.application,
-                        state=types.SessionState.Name(status.state),
-                        pending=status.pending,
-                        running=status.running,
-                        succeed=status.succeed,
-                        failed=status.failed,
-                        cancelled=status.cancelled,
-                        label=self.labels.get(session.metadata.id, ""),
-                    )
-                )
-        return infos
+        return [
+            SessionInfo.of(session, self.labels.get(session.metadata.id, ""))
+            for session in listed
+            if session.metadata.id in mine
+        ]
 
     def close_sessions(self) -> list[str]:
         """Close this notebook's open sessions; return the ids closed (see :meth:`close_all`)."""

@@ -319,5 +319,18 @@ class Runs:
             self.connection.start_timeout,
             self.connection.describe,
             self.connection.notify,
-            lambda: self.connection.release_idle_maps(session_id),
+            lambda: self.release_idle_maps(session_id),
         )
+
+    def release_idle_maps(self, waiting: str) -> list[str]:
+        """Close this notebook's idle ``--map`` sessions (kept for the next map), so that a cell
+        of ``waiting`` gets their executors; return the ids closed."""
+        closed = []
+        for session_id in self.connection.idle_maps(waiting):
+            try:
+                status = self.connection.client().get_session(session_id).status
+            except FlameError:
+                continue
+            if not status.pending and not status.running and self.connection.close_session(session_id):
+                closed.append(session_id)
+        return closed

@@ -201,6 +201,22 @@ class SessionInfo:
     cancelled: int
     label: str = ""  # e.g. "named 'train', up to 4 instances"; empty for the default session
 
+    @classmethod
+    def of(cls, session: types.Session, label: str = "") -> SessionInfo:
+        """The line for ``session`` as Flame reports it."""
+        status = session.status
+        return cls(
+            session_id=session.metadata.id,
+            application=session.spec.application,
+            state=types.SessionState.Name(status.state),
+            pending=status.pending,
+            running=status.running,
+            succeed=status.succeed,
+            failed=status.failed,
+            cancelled=status.cancelled,
+            label=label,
+        )
+
 
 @dataclass
 class Closing:
