@@ -150,12 +150,13 @@ class Engine:
         items: Iterable[Any],
         namespace: Mapping[str, Any] | None = None,
         *,
-        instances: int = 2,
+        instances: int | None = None,
         return_exceptions: bool = False,
         timeout: float | None = None,
         pip: Sequence[str] = (),
     ) -> Iterator[Any]:
-        """Run ``code`` once per item (bound to ``item_name``) on up to ``instances`` runners.
+        """Run ``code`` once per item (bound to ``item_name``) on up to ``instances`` runners
+        (default: :meth:`default_instances`).
 
         Yields each item's last value in input order, as soon as it and those before it
         have finished (a generator of unknown length is read as the map goes). With
@@ -166,7 +167,7 @@ class Engine:
         prepared = self.prepare(
             code,
             namespace or {},
-            key=SessionKey(instances=max(1, instances), warm=0),
+            key=SessionKey(instances=max(1, instances or self.default_instances()), warm=0),
             item=item_name,
             assign=(),
             timeout=timeout,
