@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from flame_magic import codec
-from flame_magic.deploy import is_stock_runner
+from flame_magic.applications import is_stock_runner
 from flame_magic.protocol import cell, types
 
 if TYPE_CHECKING:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from flame_magic.client import FlameError
+from flame_magic.errors import CacheError, ObjectNotFound
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -70,17 +70,6 @@ _CONFIG_HINT = (
     "Check that Flame's object cache runs and that FLAME_CACHE_ENDPOINT (or `cache.endpoint` of "
     "the current context in ~/.flame/flame.yaml) names it."
 )
-
-
-class CacheError(FlameError):
-    """The object cache refused a request or could not be reached; the message says what to do."""
-
-    def _render_traceback_(self) -> list[str]:
-        return [f"CacheError: {self}"]
-
-
-class ObjectNotFound(CacheError):
-    """The cache holds no object under the key (never put, deleted, or evicted)."""
 
 
 def _need_pyarrow() -> None:

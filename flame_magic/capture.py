@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flame_magic import codec
+from flame_magic.errors import ShipError
 from flame_magic.protocol import MAX_MESSAGE_BYTES, cell
 from flame_magic.transfer import CACHE_HINT, Outgoing, Shipper
 
@@ -41,10 +42,6 @@ _DEFINITE = (
 NOT_SHIPPED = frozenset(
     {"get_ipython", "exit", "quit", "In", "Out", "_ih", "_oh", "_dh", "__builtin__", "__builtins__"}
 )
-
-
-class ShipError(Exception):
-    """The cell cannot be sent as it is; the message says what to do."""
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import grpc
 import grpc.experimental
 
+from flame_magic.errors import FlameError, SessionGoneError, SessionStartError, WaitStopped
 from flame_magic.protocol import (
     EVENT_BIND_FAILED,
     EVENT_SESSION_PAUSED,
@@ -48,22 +49,6 @@ CALL_TIMEOUT_SECONDS = 30.0
 
 # The application asked for when probing an endpoint; Flame answers NOT_FOUND.
 PROBE_APPLICATION = "flame-magic-probe"
-
-
-class FlameError(Exception):
-    """Flame refused a request or could not be reached; the message says what to do."""
-
-
-class SessionStartError(FlameError):
-    """The application could not start a session (Flame events 1001/1002)."""
-
-
-class SessionGoneError(FlameError):
-    """The session was closed or deleted by someone else (flmctl, an administrator)."""
-
-
-class WaitStopped(Exception):
-    """A wait for a task was given up because its ``stop`` event was set (the task goes on)."""
 
 
 def new_session_id(application: str) -> str:

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 import cloudpickle
 from google.protobuf.message import DecodeError, Message
 
+from flame_magic.errors import PayloadError, TooLargeError, UnpicklableError
 from flame_magic.protocol import cell
 
 # 2: large values by reference through Flame's object cache (Value.buffers, CellRequest.cache).
@@ -43,18 +44,6 @@ PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 CLOUDPICKLE_VERSION: str = cloudpickle.__version__
 
 M = TypeVar("M", bound=Message)
-
-
-class PayloadError(Exception):
-    """A payload that is not ours, or was written by incompatible versions."""
-
-
-class UnpicklableError(Exception):
-    """A value that cloudpickle cannot serialise."""
-
-
-class TooLargeError(Exception):
-    """A value whose pickle would pass the size it was allowed."""
 
 
 def local_header() -> cell.Header:

@@ -15,9 +15,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(Exception):
-    """The Flame configuration cannot be used as written."""
+from flame_magic.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,6 @@ from flame_magic.errors import RemoteError, remote_error
 from flame_magic.protocol import cell
 
 if TYPE_CHECKING:
-    from flame_magic.remote import Connection
     from flame_magic.sessions import Plan
 
 Fetch = Callable[[str], cell.DebugFrames]
@@ -144,12 +143,15 @@ def _failure_of(exc: object) -> _Failure | None:
     return _failures.get(exc) if isinstance(exc, RemoteError) else None
 
 
-def fetcher(connection: Connection, session_id: str) -> Fetch:
-    """Ask session ``session_id``'s runner for kept frames: a small task, no cell runs."""
+def fetcher(ask: Callable[[str, cell.CellRequest], cell.CellResult], session_id: str) -> Fetch:
+    """Ask session ``session_id``'s runner for kept frames: a small task, no cell runs.
+
+    ``ask`` sends a request to a session's runner (``Runs.ask``).
+    """
 
     def fetch(debug_id: str) -> cell.DebugFrames:
         request = cell.CellRequest(header=codec.local_header(), debug_fetch=debug_id)
-        return connection.ask(session_id, request).debug
+        return ask(session_id, request).debug
 
     return fetch
 

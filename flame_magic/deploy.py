@@ -33,14 +33,11 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from flame_magic import codec
-from flame_magic.client import FlameClient, FlameError
+from flame_magic.applications import DEFAULT_NAME, RUNNER_MODULE, is_our_runner
+from flame_magic.client import FlameClient
+from flame_magic.errors import FlameError, RequestError
 from flame_magic.protocol import types
 
-DEFAULT_NAME = "flame-magic"
-RUNNER_MODULE = "flame_magic_runner"
-# What flame-magic 0.1 registered (``-m runner``): still recognised, and updated by deploy.
-OLD_RUNNER_MODULE = "runner"
-STOCK_RUNNER_MODULE = "flamepy.runner.runpy"
 # A notebook user runs a cell, reads, edits and runs the next: keep the runner (and what
 # earlier cells imported) warm for ten minutes rather than Flame's default minute.
 DELAY_RELEASE_SECONDS = 600
@@ -56,62 +53,6 @@ SOURCE_SUFFIXES = (".py", ".pyi", ".typed")
 # installer installed the package for, with the package on PYTHONPATH.
 UV_COMMAND = "${FLAME_HOME}/bin/uv"
 UV_ARGUMENTS = ("run", "--python", "python${FLAME_PYTHON_VERSION}", "python", "-m", RUNNER_MODULE)
-
-
-def _mentions(spec: types.ApplicationSpec, module: str) -> bool:
-    words = [spec.command, *spec.arguments]
-    return any(module in word.split() or word.endswith(module) for word in words if word)
-
-
-def is_stock_runner(spec: types.ApplicationSpec) -> bool:
-    """Whether the application runs flamepy's runner (Flame's default ``flmrun``)."""
-    return _mentions(spec, STOCK_RUNNER_MODULE)
-
-
-def is_our_runner(spec: types.ApplicationSpec) -> bool:
-    """Whether the application runs flame-magic's runner (``-m flame_magic_runner``, its old
-    name ``-m runner``, or ``flame-magic-runner``)."""
-    arguments = list(spec.arguments)
-    modules = (RUNNER_MODULE, OLD_RUNNER_MODULE)
-    module = any(a == "-m" and b in modules for a, b in zip(arguments, arguments[1:], strict=False))
-    return module or spec.command.endswith("flame-magic-runner")
-
-
-def describe(application: types.Application) -> str:
-    """A few words on an application for ``%flame status``."""
-    notes = []
-    if application.status.state == types.Disabled:
-        notes.append("disabled")
-    if is_our_runner(application.spec):
-        notes.append("flame-magic's runner")
-    elif is_stock_runner(application.spec):
-        notes.append("Flame's flmrun: flamepy's runner")
-    return f"{application.metadata.name} ({', '.join(notes)})" if notes else application.metadata.name
-
-
-def check_application(application: types.Application | None, name: str, endpoint: str) -> str | None:
-    """What stops ``name`` from running cells, saying what to do; None when nothing is known to.
-
-    Parameters
-    ----------
-    application
-        What Flame reports for ``name`` (None when it has no such application).
-    name, endpoint
-        For the message.
-    """
-    choose = "or choose another application with `%config FlameMagics.application = 'NAME'`"
-    if application is None:
-        return (
-            f"Flame at {endpoint} has no application {name!r}. Run `%flame deploy` to register "
-            f"flame-magic's runner there and use it, {choose}."
-        )
-    if application.status.state == types.Disabled:
-        return (
-            f"Application {name!r} on Flame at {endpoint} is disabled: ask the cluster's "
-            f"administrator to enable it, run `%flame deploy --name NAME` to register flame-magic's "
-            f"runner under another name, {choose}."
-        )
-    return None
 
 
 # -- the package ---------------------------------------------------------------------------
@@ -132,12 +73,9 @@ def _requirements() -> list[str]:
 
 
 def _version() -> str:
-    try:
-        return importlib.metadata.version("flame-magic")
-    except importlib.metadata.PackageNotFoundError:
-        from flame_magic import __version__
+    from flame_magic import __version__
 
-        return __version__
+    return __version__
 
 
 def _pyproject() -> str:
@@ -280,20 +218,20 @@ def choose_spec(
 
     Raises
     ------
-    ValueError
+    RequestError
         For options that do not go together or are missing, with what to write instead.
     """
     if url and installed:
-        raise ValueError("Give either --url (Flame installs the package) or --installed, not both.")
+        raise RequestError("Give either --url (Flame installs the package) or --installed, not both.")
     if python and url:
-        raise ValueError("--python goes with --installed: with --url, Flame picks Python " + PYTHON_VERSION)
+        raise RequestError("--python goes with --installed: with --url, Flame picks Python " + PYTHON_VERSION)
     if url:
         return runner_spec(url=package_url(url))
     if installed or embedded:
         if embedded:
             return runner_spec(python=python or sys.executable, working_directory=os.getcwd())
         return runner_spec(python=python)
-    raise ValueError(
+    raise RequestError(
         "Say how the executors get flame-magic's runner: `%flame deploy --url file:///shared/dir/` "
         "builds the package into a directory every executor reads at the same path and lets Flame "
         "install it; `%flame deploy --installed [--python PYTHON]` runs a runner installed there."

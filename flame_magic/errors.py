@@ -1,4 +1,33 @@
-"""Exceptions a %%flmrun cell raises in the notebook."""
+"""Every exception the notebook side raises, in one hierarchy.
+
+Nothing here imports the rest of flame-magic, so every layer can raise these (the stock
+runner's evaluator takes this module with it, as source)::
+
+    FlameMagicError
+    ├── UsageProblem          the cell or its options cannot be sent as written (one line)
+    │   ├── ConfigError       the Flame configuration cannot be used as written
+    │   ├── RequestError      an option value Flame cannot take
+    │   └── ShipError         a value or module that cannot travel
+    ├── PayloadError          a payload that is not ours, or of incompatible versions
+    ├── UnpicklableError      a value cloudpickle cannot serialise
+    ├── TooLargeError         a pickle over the size it was allowed
+    ├── FlameError            Flame (or its object cache) refused, or could not be reached
+    │   ├── SessionStartError     the application could not start a session
+    │   │   └── RunnerStartTimeout    no runner came up within the start timeout
+    │   ├── SessionGoneError      the session was closed or deleted by someone else
+    │   ├── PythonMismatch        the runner's Python minor version is not the notebook's
+    │   └── CacheError            the object cache refused or could not be reached
+    │       └── ObjectNotFound        no object under that key
+    ├── WaitStopped           a wait given up because its stop event was set (not a failure)
+    ├── CellFailed            Flame could not run the cell: what a user sees of a FlameError
+    └── RemoteError           the cell raised on its runner (also an instance of its builtin type)
+    MapInterrupted            a --map cell interrupted (a KeyboardInterrupt, not an error)
+
+The magics turn these into what a user sees in one place (``flame_magic.magics``):
+a :class:`UsageProblem` is IPython's one-line ``UsageError``, a :class:`FlameError` a
+:class:`CellFailed`; the others show their own rendering. The embedded Flame's own errors
+(its gRPC statuses, binds, installs) live in :mod:`flame_magic.embedded.errors`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +37,84 @@ from functools import cache
 from typing import Any
 
 
-class RemoteError(Exception):
+class FlameMagicError(Exception):
+    """The base of every exception flame-magic raises in the notebook."""
+
+
+class UsageProblem(FlameMagicError):
+    """The cell or its options cannot be sent as written; the message says what to do."""
+
+
+class ConfigError(UsageProblem):
+    """The Flame configuration cannot be used as written."""
+
+
+class RequestError(UsageProblem, ValueError):
+    """An option value that cannot be sent to Flame; the message says what is accepted."""
+
+
+class ShipError(UsageProblem):
+    """The cell cannot be sent as it is; the message says what to do."""
+
+
+class PayloadError(FlameMagicError):
+    """A payload that is not ours, or was written by incompatible versions."""
+
+
+class UnpicklableError(FlameMagicError):
+    """A value that cloudpickle cannot serialise."""
+
+
+class TooLargeError(FlameMagicError):
+    """A value whose pickle would pass the size it was allowed."""
+
+
+class FlameError(FlameMagicError):
+    """Flame refused a request or could not be reached; the message says what to do."""
+
+
+class SessionStartError(FlameError):
+    """The application could not start a session (Flame events 1001/1002)."""
+
+
+class RunnerStartTimeout(SessionStartError):
+    """No runner of the session's application came up within the start timeout."""
+
+
+class SessionGoneError(FlameError):
+    """The session was closed or deleted by someone else (flmctl, an administrator)."""
+
+
+class PythonMismatch(FlameError):
+    """The runner's Python minor version is not the notebook's.
+
+    Attributes
+    ----------
+    python
+        The runner's ``major.minor``.
+    """
+
+    def __init__(self, message: str, python: str) -> None:
+        super().__init__(message)
+        self.python = python
+
+
+class CacheError(FlameError):
+    """The object cache refused a request or could not be reached; the message says what to do."""
+
+    def _render_traceback_(self) -> list[str]:
+        return [f"CacheError: {self}"]
+
+
+class ObjectNotFound(CacheError):
+    """The cache holds no object under the key (never put, deleted, or evicted)."""
+
+
+class WaitStopped(FlameMagicError):
+    """A wait for a task was given up because its ``stop`` event was set (the task goes on)."""
+
+
+class RemoteError(FlameMagicError):
     """An exception raised by the cell on the Flame runner, rebuilt from data.
 
     Nothing is unpickled to show it: the runner sends the type name, the message
@@ -85,7 +191,7 @@ def remote_error(
     return _remote_class(ename, bases)(ename, evalue, remote_traceback, bases)
 
 
-class CellFailed(Exception):
+class CellFailed(FlameMagicError):
     """Flame could not run the cell (a dead runner, a session that cannot start...)."""
 
     def _render_traceback_(self) -> list[str]:
@@ -94,6 +200,9 @@ class CellFailed(Exception):
 
 class MapInterrupted(KeyboardInterrupt):
     """A ``%%flmrun --map`` cell was interrupted; the message says what was kept.
+
+    A KeyboardInterrupt, outside :class:`FlameMagicError` on purpose: ``except Exception``
+    must not swallow an interrupt.
 
     Attributes
     ----------

@@ -29,14 +29,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from flame_magic import codec
-from flame_magic.capture import ShipError, format_size
-from flame_magic.client import FlameClient, FlameError, WaitStopped
+from flame_magic.capture import format_size
+from flame_magic.client import FlameClient
 from flame_magic.debugger import remote_failure
-from flame_magic.errors import CellFailed
+from flame_magic.errors import CellFailed, FlameError, ShipError, WaitStopped
 from flame_magic.protocol import TERMINAL_TASK_STATES, cell, types
 
 if TYPE_CHECKING:
-    from flame_magic.remote import LiveChannel
+    from flame_magic.live import LiveChannel
 
 # Items in flight beyond the runners' own: per instance, and the seconds' worth at the
 # measured rate (bounded), so that the window refills before a runner goes idle.
@@ -112,6 +112,10 @@ class MapOutcome:
     interrupted: bool = False
     progress: Progress | None = None
     left_running: int = 0
+    #: The items read (for messages that name a failed one).
+    items: list[Any] = field(default_factory=list)
+    #: The most runners seen at once, when Flame said (see ``runners.RunnerCount``).
+    runners: int | None = None
 
 
 def item_payloads(
@@ -227,6 +231,8 @@ class MapRun:
         self._shown = 0  # items before this index have had their outputs shown
         self._sent = 0
         self._head: LiveChannel | None = None  # the channel of item _shown, while it runs
+        self._halted = False  # stop() was called: end as if interrupted
+        self._ended = False
 
     def run(self) -> MapOutcome:
         """Run every item; return what finished, also when interrupted (then ``interrupted`` is set)."""
@@ -242,6 +248,7 @@ class MapRun:
             self._stop.set()
             for _ in self._watchers:
                 self._queue.put(None)
+        interrupted = interrupted or self._halted
         self._show_in_order(final=True)
         with self._cond:
             outcome = MapOutcome(
@@ -255,7 +262,30 @@ class MapRun:
             outcome.left_running = max(0, self._sent - self._done)
         if self._on_progress is not None and outcome.progress is not None:
             self._on_progress(outcome.progress)
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
         return outcome
+
+    def stop(self) -> None:
+        """Stop the map from another thread, as an interrupt would (the items sent may finish)."""
+        with self._cond:
+            self._halted = True
+            self._cond.notify_all()
+
+    def ordered(self) -> Iterator[tuple[int, Any]]:
+        """``(index, result)`` in input order as the items finish, while :meth:`run` runs on another
+        thread; it ends where the map ended (a failed item's result is its exception)."""
+        index = 0
+        while True:
+            with self._cond:
+                while not self._ended and (index >= len(self._results) or self._results[index] is NOT_DONE):
+                    self._cond.wait(PROGRESS_INTERVAL)
+                if index >= len(self._results) or self._results[index] is NOT_DONE:
+                    return
+                value = self._results[index]
+            yield index, value
+            index += 1
 
     def _pump(self) -> None:
         """Send items as the window allows until all are done or the map must stop."""
@@ -263,7 +293,11 @@ class MapRun:
         while True:
             with self._cond:
                 while True:
-                    if self._fatal is not None or (self._failure is not None and self._stop_at_failure):
+                    if (
+                        self._halted
+                        or self._fatal is not None
+                        or (self._failure is not None and self._stop_at_failure)
+                    ):
                         return
                     if self._exhausted and self._done >= self._sent:
                         return

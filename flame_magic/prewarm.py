@@ -22,19 +22,20 @@ def prewarm(ip: Any) -> threading.Thread | None:
     there is not reported: the first cell tries again and says what failed.
     """
     magics = ip.magics_manager.registry.get("FlameMagics")
-    if magics is None or magics._connection is not None:
+    if magics is None or magics._engine is not None:
         return None
     try:
-        connection = magics.connection()
+        engine = magics.engine()
     except Exception:  # a configuration error: the first cell says it
         return None
+    connection = engine.connection
     if not connection.target.embedded:
         return None
 
     def warm() -> None:
         try:
             connection.client()  # the embedded Flame, which starts a runner beside it
-            if magics._connection is not connection:
+            if magics._engine is not engine:
                 return  # unloaded, or connected elsewhere, meanwhile
             connection.session()  # the default session, which binds that runner
             import pyarrow.flight  # noqa: F401  (the object cache's client: live output, large values)

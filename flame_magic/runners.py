@@ -19,7 +19,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from flame_magic.client import FlameClient, FlameError, SessionStartError, failure_message
+from flame_magic.client import FlameClient, failure_message
+from flame_magic.errors import FlameError, RunnerStartTimeout
 from flame_magic.protocol import types
 
 # Seconds between two looks at Flame's executors while a task waits.
@@ -45,10 +46,6 @@ LOST = (
 )
 # States of an executor that holds a node's resources for a session.
 _HOLDING = frozenset({types.ExecutorBinding, types.ExecutorBound, types.ExecutorUnbinding})
-
-
-class RunnerStartTimeout(SessionStartError):
-    """No runner of the session's application came up within the start timeout."""
 
 
 def runner_lost(task: types.Task) -> bool:

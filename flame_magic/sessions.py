@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from flame_magic.errors import RequestError
 from flame_magic.protocol import types
 
 # Flame's default when a session sets no resreq (1 CPU, 1 GiB, no GPU): fields a cell
@@ -38,10 +39,6 @@ _UNITS = {
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKMGT]i?)?[bB]?\s*$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,39}$")
-
-
-class RequestError(ValueError):
-    """An option value that cannot be sent to Flame; the message says what is accepted."""
 
 
 def parse_memory(text: str) -> int:
@@ -188,6 +185,37 @@ class SessionKey:
 
 
 DEFAULT = SessionKey()
+
+
+@dataclass
+class SessionInfo:
+    """One line of ``%flame status``."""
+
+    session_id: str
+    application: str
+    state: str
+    pending: int
+    running: int
+    succeed: int
+    failed: int
+    cancelled: int
+    label: str = ""  # e.g. "named 'train', up to 4 instances"; empty for the default session
+
+    @classmethod
+    def of(cls, session: types.Session, label: str = "") -> SessionInfo:
+        """The line for ``session`` as Flame reports it."""
+        status = session.status
+        return cls(
+            session_id=session.metadata.id,
+            application=session.spec.application,
+            state=types.SessionState.Name(status.state),
+            pending=status.pending,
+            running=status.running,
+            succeed=status.succeed,
+            failed=status.failed,
+            cancelled=status.cancelled,
+            label=label,
+        )
 
 
 @dataclass

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flame_magic import codec
-from flame_magic.cache import CacheError, ObjectRef
-from flame_magic.client import FlameError
+from flame_magic.cache import ObjectRef
+from flame_magic.errors import CacheError, FlameError, PythonMismatch
 from flame_magic.protocol import MAX_MESSAGE_BYTES, types
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ _MISSING_NOTES = {
 }
 
 _RUNNER_MODULES = ("evaluate", "live", "fdcapture", "stock", "environment", "modules", "debug")
-_NOTEBOOK_MODULES = ("codec", "cache", "transfer", "capture", "errors", "modules")
+_NOTEBOOK_MODULES = ("codec", "cache", "transfer", "capture", "errors", "modules", "locator")
 
 
 @dataclass(frozen=True)
@@ -174,14 +174,6 @@ def runner_request(method: str, data: bytes | None = None) -> bytes:
     """The pickled ``RunnerRequest`` of a task calling the evaluator's ``method``."""
     args = None if data is None else (data,)
     return codec.flamepy_object("RunnerRequest", {"method": method, "args": args, "kwargs": None})
-
-
-class PythonMismatch(FlameError):
-    """The runner's Python minor version is not the notebook's."""
-
-    def __init__(self, message: str, python: str) -> None:
-        super().__init__(message)
-        self.python = python
 
 
 @dataclass

@@ -10,7 +10,8 @@ import grpc
 from flame_magic import protocol
 from flame_magic.embedded.apps import default_applications
 from flame_magic.embedded.installer import Installer
-from flame_magic.embedded.records import ApplicationRecord, FlameError, validate_application
+from flame_magic.embedded.errors import FrontendError
+from flame_magic.embedded.records import ApplicationRecord, validate_application
 from flame_magic.embedded.spare import Spares
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ class Applications:
         """Register a Host-shim application; its working_directory must be absolute."""
         validate_application(name, spec)
         if name in self.records:
-            raise FlameError(grpc.StatusCode.ALREADY_EXISTS, f"application <{name}> already exists")
+            raise FrontendError(grpc.StatusCode.ALREADY_EXISTS, f"application <{name}> already exists")
         self.records[name] = ApplicationRecord(name=name, spec=spec)
         log.info("registered application %s: %s %s", name, spec.command, list(spec.arguments))
         if spec.shim != types.Host:
@@ -63,13 +64,13 @@ class Applications:
     def get(self, name: str) -> ApplicationRecord:
         app = self.records.get(name)
         if app is None:
-            raise FlameError(grpc.StatusCode.NOT_FOUND, f"application <{name}> not found")
+            raise FrontendError(grpc.StatusCode.NOT_FOUND, f"application <{name}> not found")
         return app
 
     def _check_no_open_sessions(self, name: str) -> None:
         count = self._open_sessions(name)
         if count:
-            raise FlameError(
+            raise FrontendError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"{count} open sessions in the application <{name}>; close them first",
             )

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 
 from flame_magic import protocol
-from flame_magic.embedded.records import DEFAULT_RESREQ, FlameError
+from flame_magic.embedded.errors import FrontendError
+from flame_magic.embedded.records import DEFAULT_RESREQ
 
 if TYPE_CHECKING:
     from flame_magic.embedded.session_manager import SessionManager
@@ -26,13 +27,13 @@ _Resp = TypeVar("_Resp")
 def _unary(
     method: Callable[[Any, _Req], _Resp],
 ) -> Callable[[Any, _Req, grpc.aio.ServicerContext], Awaitable[_Resp]]:
-    """Run a synchronous handler on the loop and turn FlameError into a gRPC status."""
+    """Run a synchronous handler on the loop and turn FrontendError into a gRPC status."""
 
     @functools.wraps(method)
     async def handler(self: Any, request: _Req, context: grpc.aio.ServicerContext) -> _Resp:
         try:
             return method(self, request)
-        except FlameError as err:
+        except FrontendError as err:
             await context.abort(err.code, err.message)
             raise  # unreachable: abort raises
 
@@ -52,7 +53,7 @@ class FrontendService(protocol.FrontendServicer):
     @_unary
     def RegisterApplication(self, request: Any) -> protocol.types.Result:
         if not request.HasField("application"):
-            raise FlameError(grpc.StatusCode.INVALID_ARGUMENT, "application spec is missing")
+            raise FrontendError(grpc.StatusCode.INVALID_ARGUMENT, "application spec is missing")
         self.m.apps.register(request.name, request.application)
         return _ok()
 
@@ -64,7 +65,7 @@ class FrontendService(protocol.FrontendServicer):
     @_unary
     def UpdateApplication(self, request: Any) -> protocol.types.Result:
         if not request.HasField("application"):
-            raise FlameError(grpc.StatusCode.INVALID_ARGUMENT, "application spec is missing")
+            raise FrontendError(grpc.StatusCode.INVALID_ARGUMENT, "application spec is missing")
         self.m.apps.update(request.name, request.application)
         return _ok()
 
@@ -92,13 +93,13 @@ class FrontendService(protocol.FrontendServicer):
     @_unary
     def GetNode(self, request: Any) -> protocol.frontend.GetNodeResponse:
         if request.name != self.m.node_name:
-            raise FlameError(grpc.StatusCode.NOT_FOUND, f"node <{request.name}> not found")
+            raise FrontendError(grpc.StatusCode.NOT_FOUND, f"node <{request.name}> not found")
         return frontend.GetNodeResponse(node=self.m.node())
 
     @_unary
     def CreateSession(self, request: Any) -> protocol.types.Session:
         if not request.HasField("session"):
-            raise FlameError(grpc.StatusCode.INVALID_ARGUMENT, "session spec is missing")
+            raise FrontendError(grpc.StatusCode.INVALID_ARGUMENT, "session spec is missing")
         return self.m.create_session(request.session_id, request.session).to_proto()
 
     @_unary
@@ -125,7 +126,7 @@ class FrontendService(protocol.FrontendServicer):
     @_unary
     def CreateTask(self, request: Any) -> protocol.types.Task:
         if not request.HasField("task"):
-            raise FlameError(grpc.StatusCode.INVALID_ARGUMENT, "task spec is missing")
+            raise FrontendError(grpc.StatusCode.INVALID_ARGUMENT, "task spec is missing")
         spec = request.task
         data = spec.input if spec.HasField("input") else None
         return self.m.create_task(spec.session_id, data).to_proto(with_events=False)
@@ -144,7 +145,7 @@ class FrontendService(protocol.FrontendServicer):
                 done.status.ClearField("events")
                 yield done
                 return
-        except FlameError as err:
+        except FrontendError as err:
             await context.abort(err.code, err.message)
         assert task is not None  # abort raises
         # Register before sending the current state, so no change can fall in between.
@@ -166,7 +167,7 @@ class FrontendService(protocol.FrontendServicer):
     ) -> AsyncIterator[protocol.types.Task]:
         try:
             ssn = self.m.get_session(request.session_id)
-        except FlameError as err:
+        except FrontendError as err:
             await context.abort(err.code, err.message)
         for task in self.m.list_tasks(ssn):
             yield task

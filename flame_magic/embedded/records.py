@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from flame_magic import protocol
+from flame_magic.embedded.errors import FrontendError
 
 if TYPE_CHECKING:
     from flame_magic.embedded.executor import Instance
@@ -35,15 +36,6 @@ def node_cpus() -> int:
 def now_ms() -> int:
     """Current time in Unix milliseconds, Flame's unit for every timestamp."""
     return int(time.time() * 1000)
-
-
-class FlameError(Exception):
-    """A request failed; becomes a gRPC status with ``code`` and ``message``."""
-
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def event(code: int, message: str) -> protocol.types.Event:
@@ -121,10 +113,10 @@ def validate_application(name: str, spec: protocol.types.ApplicationSpec) -> Non
     what cannot run is found when a session binds (or, for a shim no executor has, never).
     """
     if not name:
-        raise FlameError(grpc.StatusCode.INVALID_ARGUMENT, "application name is empty")
+        raise FrontendError(grpc.StatusCode.INVALID_ARGUMENT, "application name is empty")
     wd = spec.working_directory
     if wd and not os.path.isabs(wd):
-        raise FlameError(
+        raise FrontendError(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"working_directory must be an absolute path, got: {wd}",
         )
@@ -134,7 +126,7 @@ def validate_application(name: str, spec: protocol.types.ApplicationSpec) -> Non
                 try:
                     json.loads(getattr(spec.schema, part))
                 except ValueError as err:
-                    raise FlameError(
+                    raise FrontendError(
                         grpc.StatusCode.INVALID_ARGUMENT, f"invalid {part} schema: {err}"
                     ) from None
 
@@ -149,12 +141,12 @@ def normalised_session_spec(spec: protocol.types.SessionSpec) -> protocol.types.
     batch = out.batch_size
     if batch > 1:
         if out.min_instances % batch:
-            raise FlameError(
+            raise FrontendError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"min_instances ({out.min_instances}) must be 0 or a multiple of batch_size ({batch})",
             )
         if out.HasField("max_instances") and out.max_instances % batch:
-            raise FlameError(
+            raise FrontendError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"max_instances ({out.max_instances}) must be a multiple of batch_size ({batch})",
             )

@@ -28,12 +28,12 @@ import grpc
 
 from flame_magic import protocol
 from flame_magic.embedded.applications import Applications
+from flame_magic.embedded.errors import FrontendError
 from flame_magic.embedded.executor import BindError, Instance, InvokeError, like_flame_06
 from flame_magic.embedded.installer import Installer
 from flame_magic.embedded.records import (
     DEFAULT_DELAY_RELEASE,
     DEFAULT_RESREQ,
-    FlameError,
     SessionRecord,
     event,
     node_cpus,
@@ -124,23 +124,23 @@ class SessionManager:
         """The session, open or closed."""
         ssn = self.sessions.get(session_id)
         if ssn is None:
-            raise FlameError(grpc.StatusCode.NOT_FOUND, f"session <{session_id}> not found")
+            raise FrontendError(grpc.StatusCode.NOT_FOUND, f"session <{session_id}> not found")
         return ssn
 
     def create_session(self, session_id: str, spec: protocol.types.SessionSpec) -> SessionRecord:
         """Open a new session (id ``<app>-<6 alphanumerics>`` when empty); start min_instances."""
         app = self.apps.get(spec.application)
         if app.state != types.Enabled:
-            raise FlameError(grpc.StatusCode.FAILED_PRECONDITION, f"application <{app.name}> is disabled")
+            raise FrontendError(grpc.StatusCode.FAILED_PRECONDITION, f"application <{app.name}> is disabled")
         if spec.HasField("max_instances") and spec.max_instances < spec.min_instances:
-            raise FlameError(
+            raise FrontendError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"max_instances ({spec.max_instances}) is less than min_instances ({spec.min_instances})",
             )
         if not session_id:
             session_id = self._new_session_id(app.name)
         elif session_id in self.sessions:
-            raise FlameError(grpc.StatusCode.ALREADY_EXISTS, f"session <{session_id}> already exists")
+            raise FrontendError(grpc.StatusCode.ALREADY_EXISTS, f"session <{session_id}> already exists")
         ssn = SessionRecord(id=session_id, spec=normalised_session_spec(spec))
         self.sessions[session_id] = ssn
         log.info("session %s opened (application %s)", session_id, app.name)
@@ -152,14 +152,14 @@ class SessionManager:
         ssn = self.sessions.get(session_id) if session_id else None
         if ssn is None:
             if spec is None:
-                raise FlameError(grpc.StatusCode.NOT_FOUND, f"session <{session_id}> not found")
+                raise FrontendError(grpc.StatusCode.NOT_FOUND, f"session <{session_id}> not found")
             return self.create_session(session_id, spec)
         if ssn.state != types.Open:
-            raise FlameError(grpc.StatusCode.FAILED_PRECONDITION, f"session <{session_id}> is not open")
+            raise FrontendError(grpc.StatusCode.FAILED_PRECONDITION, f"session <{session_id}> is not open")
         if spec is not None:
             mismatch = spec_mismatch(ssn, normalised_session_spec(spec))
             if mismatch:
-                raise FlameError(grpc.StatusCode.INVALID_ARGUMENT, mismatch)
+                raise FrontendError(grpc.StatusCode.INVALID_ARGUMENT, mismatch)
         return ssn
 
     def close_session(self, session_id: str) -> SessionRecord:
@@ -168,7 +168,7 @@ class SessionManager:
         if ssn.state == types.Closed:
             return ssn
         if ssn.counts[types.Running]:
-            raise FlameError(grpc.StatusCode.INTERNAL, "Cannot close session with running tasks")
+            raise FrontendError(grpc.StatusCode.INTERNAL, "Cannot close session with running tasks")
         ssn.state = types.Closed
         ssn.completion_time = now_ms()
         while ssn.pending:
@@ -185,7 +185,7 @@ class SessionManager:
         """Forget a closed session."""
         ssn = self.get_session(session_id)
         if ssn.state != types.Closed:
-            raise FlameError(
+            raise FrontendError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"session <{session_id}> is open; close it before deleting it",
             )
@@ -208,7 +208,7 @@ class SessionManager:
         """Add a Pending task (ids 1, 2, ... per session) and dispatch it at once if possible."""
         ssn = self.get_session(session_id)
         if ssn.state != types.Open:
-            raise FlameError(
+            raise FrontendError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"session <{session_id}> is closed; it accepts no new tasks",
             )
@@ -232,7 +232,7 @@ class SessionManager:
             task.to_proto(with_events=True) if task is not None else self.task_store.done(session_id, task_id)
         )
         if found is None:
-            raise FlameError(grpc.StatusCode.NOT_FOUND, f"task <{session_id}/{task_id}> not found")
+            raise FrontendError(grpc.StatusCode.NOT_FOUND, f"task <{session_id}/{task_id}> not found")
         return found
 
     def live_task(self, session_id: str, task_id: str) -> TaskRecord | None:

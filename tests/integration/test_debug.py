@@ -154,11 +154,11 @@ def test_debug_after_the_notebook_left_that_flame_starts_no_flame(session):
     reply, _, _ = session.run(FAILING)
     assert reply["status"] == "error"
     # What `%flame connect` does to the connection it leaves.
-    session.run("old = get_ipython().magics_manager.registry['FlameMagics']._connection\nold.shutdown()")
+    session.run("old = get_ipython().magics_manager.registry['FlameMagics']._engine\nold.close()")
     reply, text, prompts = session.run("%debug")
     assert not prompts and reply["status"] == "ok"
     assert "no longer uses the Flame that ran the cell" in text
-    reply, text, _ = session.run("print(old._client, old._embedded)")
+    reply, text, _ = session.run("print(old.connection.current_client(), old.connection._embedded)")
     assert text.strip() == "None None"
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import grpc
 import pytest
 
-from flame_magic import deploy, protocol
+from flame_magic import applications, protocol
 from flame_magic.embedded import EmbeddedFlame
 from flame_magic.embedded.session_manager import EVENT_NO_EXECUTOR
 
@@ -180,7 +180,7 @@ def open_session(stub: protocol.FrontendStub, app: str, sid: str = "", **kw: Any
 def test_default_applications(stub: protocol.FrontendStub, flame: EmbeddedFlame) -> None:
     """Flame's three defaults, as Flame registers them, and flame-magic's runner under its own name."""
     names = [a.metadata.name for a in stub.ListApplication(fe.ListApplicationRequest()).applications]
-    assert {protocol.FLMRUN, "flmexec", "flmping", deploy.DEFAULT_NAME} <= set(names)
+    assert {protocol.FLMRUN, "flmexec", "flmping", applications.DEFAULT_NAME} <= set(names)
 
     flmrun = stub.GetApplication(fe.GetApplicationRequest(name=protocol.FLMRUN))
     assert flmrun.status.state == types.Enabled and flmrun.status.creation_time > 0
@@ -188,10 +188,10 @@ def test_default_applications(stub: protocol.FrontendStub, flame: EmbeddedFlame)
     assert list(flmrun.spec.arguments) == ["-m", "flamepy.runner.runpy"]
     assert flmrun.spec.installer == "python" and not flmrun.spec.HasField("url")
     assert not flmrun.spec.working_directory  # a directory per executor, as on Flame
-    assert deploy.is_stock_runner(flmrun.spec) and not deploy.is_our_runner(flmrun.spec)
+    assert applications.is_stock_runner(flmrun.spec) and not applications.is_our_runner(flmrun.spec)
 
-    ours = stub.GetApplication(fe.GetApplicationRequest(name=deploy.DEFAULT_NAME))
-    assert ours.spec.shim == types.Host and deploy.is_our_runner(ours.spec)
+    ours = stub.GetApplication(fe.GetApplicationRequest(name=applications.DEFAULT_NAME))
+    assert ours.spec.shim == types.Host and applications.is_our_runner(ours.spec)
     assert ours.spec.command == sys.executable
     assert list(ours.spec.arguments) == ["-m", "flame_magic_runner"]
     assert ours.spec.delay_release == 600
@@ -899,7 +899,7 @@ def test_cli_on_tcp_loopback(tmp_path: Path) -> None:
         assert port > 0
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = protocol.FrontendStub(channel)
-            app = stub.GetApplication(fe.GetApplicationRequest(name=deploy.DEFAULT_NAME))
+            app = stub.GetApplication(fe.GetApplicationRequest(name=applications.DEFAULT_NAME))
             assert app.spec.working_directory == str(tmp_path)  # default: its cwd
             stub.RegisterApplication(
                 fe.RegisterApplicationRequest(name="echo", application=echo_spec(tmp_path))

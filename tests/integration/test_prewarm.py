@@ -14,7 +14,7 @@ import threading
 for thread in threading.enumerate():
     if thread.name == "flmrun-prewarm":
         thread.join()
-connection = get_ipython().magics_manager.registry["FlameMagics"]._connection
+connection = get_ipython().magics_manager.registry["FlameMagics"]._engine.connection
 print(connection._embedded.pid if connection._embedded and connection._embedded.running else None)
 print(connection._session_id is not None)
 """

@@ -7,8 +7,8 @@ shows it: only ``get_application``, with the applications it was given.
 from __future__ import annotations
 
 from flame_magic import deploy
+from flame_magic.applications import automatic_application
 from flame_magic.protocol import types
-from flame_magic.remote import automatic_application
 
 
 class Applications:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flame_magic import codec, deploy, protocol
+from flame_magic import applications, codec, deploy, protocol
 from flame_magic.client import FlameError
 
 types = protocol.types
@@ -87,7 +87,7 @@ def test_runner_spec_with_url_runs_as_flames_own_flmrun() -> None:
     ]
     assert (spec.url, spec.installer) == ("file:///shared/r.tar.gz", "python")
     assert [(e.name, e.value) for e in spec.environments] == [("FLAME_PYTHON_VERSION", codec.PYTHON_VERSION)]
-    assert deploy.is_our_runner(spec) and not deploy.is_stock_runner(spec)
+    assert applications.is_our_runner(spec) and not applications.is_stock_runner(spec)
     installed = deploy.runner_spec(python="/opt/venv/bin/python")
     expected = ("/opt/venv/bin/python", ["-m", "flame_magic_runner"])
     assert (installed.command, list(installed.arguments)) == expected
@@ -122,13 +122,16 @@ def test_applications_are_told_apart() -> None:
             "flamepy.runner.runpy",
         ],
     )
-    assert deploy.is_stock_runner(stock) and not deploy.is_our_runner(stock)
-    assert deploy.is_our_runner(types.ApplicationSpec(command="/usr/bin/flame-magic-runner"))
-    assert "flamepy's runner" in deploy.describe(_application("flmrun", stock))  # type: ignore[arg-type]
+    assert applications.is_stock_runner(stock) and not applications.is_our_runner(stock)
+    assert applications.is_our_runner(types.ApplicationSpec(command="/usr/bin/flame-magic-runner"))
+    assert "flamepy's runner" in applications.describe(_application("flmrun", stock))  # type: ignore[arg-type]
     ours = deploy.runner_spec()
-    assert deploy.describe(_application("fm", ours, types.Disabled)) == "fm (disabled, flame-magic's runner)"  # type: ignore[arg-type]
-    assert deploy.check_application(_application("fm", ours), "fm", "e") is None  # type: ignore[arg-type]
-    assert "%flame deploy" in (deploy.check_application(None, "fm", "e") or "")
+    assert (
+        applications.describe(_application("fm", ours, types.Disabled))
+        == "fm (disabled, flame-magic's runner)"
+    )  # type: ignore[arg-type]
+    assert applications.check_application(_application("fm", ours), "fm", "e") is None  # type: ignore[arg-type]
+    assert "%flame deploy" in (applications.check_application(None, "fm", "e") or "")
 
 
 def check_manifest(document: dict) -> protocol.types.ApplicationSpec:
@@ -151,7 +154,7 @@ def check_manifest(document: dict) -> protocol.types.ApplicationSpec:
 def test_shipped_application_spec_is_what_deploy_registers() -> None:
     document = yaml.safe_load(SHIPPED_SPEC.read_text())
     shipped = check_manifest(document)
-    assert document["metadata"]["name"] == deploy.DEFAULT_NAME
+    assert document["metadata"]["name"] == applications.DEFAULT_NAME
     expected = deploy.runner_spec(url=shipped.url)
     for field in ("command", "arguments", "installer", "delay_release"):
         assert getattr(shipped, field) == getattr(expected, field), field

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import pytest
+from fake_flame import FakeFlame
 
-from flame_magic.config import EMBEDDED
+from flame_magic.config import Target
 from flame_magic.errors import CellFailed
 from flame_magic.protocol import cell
 from flame_magic.remote import Connection
+from flame_magic.runs import Runs
 from flame_magic_runner.evaluate import _Recorder
+
+TARGET = Target(endpoint="http://fake-flame:8080", ca_file=None, source="a fake Flame")
 
 
 def test_recorder_take_gives_each_output_once_in_order():
@@ -33,6 +37,8 @@ def test_interrupt_without_a_cache_stops_waiting_with_a_clear_message():
         def wait_task(self, session_id, task_id, stop=None, tick=None, pending=None):
             raise KeyboardInterrupt
 
-    connection = Connection(EMBEDDED, "flmrun", 1.0)
+    flame = FakeFlame()  # Flame, as far as the interrupt asks it about the task: it knows none
+    connection = Connection(TARGET, "flmrun", 1.0, flame)  # type: ignore[arg-type]
     with pytest.raises(CellFailed, match="could not be interrupted.*keeps running"):
-        connection._wait(Client(), "s", "t", None, 5.0)  # type: ignore[arg-type]
+        Runs(connection)._wait(Client(), "s", "t", None, 5.0)  # type: ignore[arg-type]
+    connection.shutdown()

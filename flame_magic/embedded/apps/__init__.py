@@ -23,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from flame_magic import deploy, protocol
+from flame_magic import applications, deploy, protocol
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def default_applications(working_directory: str) -> dict[str, protocol.types.App
             command=python,
             arguments=["-m", "flame_magic.embedded.apps.flmping"],
         ),
-        deploy.DEFAULT_NAME: deploy.runner_spec(python=python, working_directory=working_directory),
+        applications.DEFAULT_NAME: deploy.runner_spec(python=python, working_directory=working_directory),
     }
 
 
