@@ -22,6 +22,7 @@ CLUSTER_LIVE_PERIOD = 0.2
 # Seconds into a cell of the runner's first flush of its output (runner/live.py's FLUSH_EVERY).
 RUNNER_FIRST_FLUSH = 0.02
 
+
 class LiveChannel:
     """The notebook's end of a cell's live output and interrupt (see :mod:`flame_magic_runner.live`)."""
 

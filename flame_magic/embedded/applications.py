@@ -9,8 +9,8 @@ import grpc
 
 from flame_magic import protocol
 from flame_magic.embedded.apps import default_applications
-from flame_magic.embedded.installer import Installer
 from flame_magic.embedded.errors import FrontendError
+from flame_magic.embedded.installer import Installer
 from flame_magic.embedded.records import ApplicationRecord, validate_application
 from flame_magic.embedded.spare import Spares
 

@@ -53,6 +53,7 @@ NOTEBOOK = {
     "flame_magic.presentation": MAGICS,
     "flame_magic.progress": MAGICS,
     "flame_magic.magics": MAGICS,
+    "flame_magic.prewarm": MAGICS,  # the embedded Flame started as the extension loads
 }
 
 # The runner side, bottom to top; below it, the notebook side's wire.
@@ -78,6 +79,7 @@ RUNNER_SHARES = {"flame_magic.modules"}
 # Imports that break the rule on purpose, and why.
 ALLOWED = {
     ("flame_magic", "flame_magic.magics"): "the extension hooks, called by IPython",
+    ("flame_magic", "flame_magic.prewarm"): "the extension hook starts the embedded Flame as it loads",
     ("flame_magic.stock", "flame_magic_runner"): "reads the runner's sources, to send them as text",
     ("flame_magic.deploy", "flame_magic_runner"): "reads the runner's sources, to package them",
 }
