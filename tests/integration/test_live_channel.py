@@ -9,7 +9,7 @@ import pytest
 from flame_magic.cache import CacheClient, ObjectNotFound
 from flame_magic.embedded import cache_server
 from flame_magic.protocol import cell
-from flame_magic.remote import RUNNER_FIRST_FLUSH, LiveChannel
+from flame_magic.live import RUNNER_FIRST_FLUSH, LiveChannel
 
 PREFIX = "app/session"
 
