@@ -25,13 +25,14 @@ from flame_magic.protocol import (
     frontend,
     types,
 )
+from flame_magic.wire import LIVE_POLL
 
 # A watch is re-opened after these many seconds, then every last one, to notice
 # sessions that cannot start (their tasks would otherwise stay Pending forever).
 # Flame's own WatchTask says nothing until the next change, so a task that ended
 # before the watch opened is found by the GetTask after the first, short slice.
 WATCH_SLICES_SECONDS = (0.25, 1.0)
-TICK_SECONDS = 0.2
+TICK_SECONDS = LIVE_POLL
 
 # Every streamed Task carries its input and its output, each up to Flame's limit:
 # this side's receive limit is ours to set, and must hold both.

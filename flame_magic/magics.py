@@ -30,6 +30,7 @@ from flame_magic.protocol import cell
 from flame_magic.remote import TASK_INPUT_LIMIT, Connection, LiveChannel
 from flame_magic.runners import RunnerCount, RunnerStartTimeout
 from flame_magic.sessions import Plan, RequestError, plan, take_map_option
+from flame_magic.wire import INTERRUPT_GRACE
 
 # The cell body starts on the line after `%%flmrun`, and tracebacks should
 # count lines the way the notebook shows them.
@@ -71,7 +72,7 @@ class FlameMagics(Magics):
         "exits before it serves.",
     ).tag(config=True)
     interrupt_grace = Float(
-        5.0,
+        INTERRUPT_GRACE,
         help="Seconds an interrupted cell may take to stop before its runner is stopped (and replaced).",
     ).tag(config=True)
     map_instances = Int(
@@ -637,14 +638,11 @@ class FlameMagics(Magics):
 
     def _value_of(self, result: cell.CellResult) -> Any:
         """The cell's last value: unpickled, else as the runner showed it; None if there is none."""
-        has_value = result.HasField("result_pickle") or result.HasField("result_value")
-        if not result.HasField("result") and not has_value:
+        if not result.HasField("result") and not result.HasField("value"):
             return None
-        if has_value:
+        if result.HasField("value"):
             try:
-                if result.HasField("result_value"):
-                    return self.connection().load(result.result_value)
-                return codec.loads(result.result_pickle)
+                return self.connection().load(result.value)
             except Exception as exc:
                 if not result.HasField("result"):  # a --map item: the runner made no rendering
                     text = f"<value that cannot be loaded here: {type(exc).__name__}: {exc}>"

@@ -7,7 +7,6 @@ travel (through the shippers of :mod:`flame_magic.transfer`); it does not presen
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 import uuid
@@ -15,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from flame_magic import codec, deploy, protocol
+from flame_magic import codec, deploy, protocol, wire
 from flame_magic.backends import OWN_RUNNER, Backend, backend_for
 from flame_magic.cache import CacheClient, CacheError, ObjectNotFound, ObjectRef
 from flame_magic.capture import ShipError, check_size
@@ -31,7 +30,7 @@ from flame_magic.config import Target, resolve_cache
 from flame_magic.deploy import check_application, is_stock_runner
 from flame_magic.errors import CellFailed
 from flame_magic.modules import Environment
-from flame_magic.protocol import MAX_MESSAGE_BYTES, cell, types
+from flame_magic.protocol import cell, types
 from flame_magic.runners import PendingWatch, RunnerStartTimeout, never_reached, runner_lost
 from flame_magic.sessions import DEFAULT, Closing, RequestError, SessionKey, fits
 from flame_magic.stock import PythonMismatch, ensure_python_copy, python_copy_name
@@ -43,9 +42,8 @@ AUTOMATIC = ""
 if TYPE_CHECKING:
     from flame_magic.embedded import EmbeddedFlame
 
-# Room left in a task for Flame's own envelope around our bytes.
-ENVELOPE_MARGIN = 64 * 1024
-TASK_INPUT_LIMIT = MAX_MESSAGE_BYTES - ENVELOPE_MARGIN
+# What a task's input may take (the magics check --map items against it).
+TASK_INPUT_LIMIT = wire.PAYLOAD_LIMIT
 
 
 @dataclass
@@ -71,8 +69,8 @@ class LiveChannel:
     ) -> None:
         self.cache = cache
         self.channel = channel
-        self.out_key = f"{prefix}/{channel}-out"
-        self.ctl_key = f"{prefix}/{channel}-ctl"
+        self.out_key = wire.live_output_key(prefix, channel)
+        self.ctl_key = wire.live_control_key(prefix, channel)
         self.show = show
         self.version = 0
         self.interrupted = False
@@ -101,7 +99,7 @@ class LiveChannel:
 
     def interrupt(self, grace: float) -> None:
         """Ask the runner to interrupt the cell, and to exit if it has not stopped after ``grace`` s."""
-        self.cache.put(self.ctl_key, json.dumps({"interrupt": True, "grace": grace}).encode())
+        self.cache.put(self.ctl_key, codec.encode(cell.Interrupt(header=codec.local_header(), grace=grace)))
         self.interrupted = True
 
     def finish(self, streamed: bool = False) -> None:

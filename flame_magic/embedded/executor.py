@@ -204,7 +204,7 @@ class Instance:
         self._proc: asyncio.subprocess.Process | None = None
         self._exit_watch: asyncio.Task[int] | None = None
         self._channel: grpc.aio.Channel | None = None
-        self._stub: protocol.InstanceStub | None = None
+        self._stub: protocol.InstanceAsyncStub | None = None
         self._call: grpc.aio.UnaryUnaryCall | None = None
         self._released = False
         self._late_kill: asyncio.Task[None] | None = None

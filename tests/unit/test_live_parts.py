@@ -8,11 +8,11 @@ from flame_magic.config import EMBEDDED
 from flame_magic.errors import CellFailed
 from flame_magic.protocol import cell
 from flame_magic.remote import Connection
-from flame_magic_runner.evaluate import _Recorder
+from flame_magic_runner.recording import Recorder
 
 
 def test_recorder_take_gives_each_output_once_in_order():
-    recorder = _Recorder(1000)
+    recorder = Recorder(1000)
     recorder.write("stdout", "a")
     recorder.write("stdout", "b")
     assert [o.stream.text for o in recorder.take()] == ["ab"]
