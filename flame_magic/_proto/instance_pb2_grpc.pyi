@@ -3,6 +3,8 @@
 isort:skip_file
 Flame's Instance service (executor manager -> application process), written
 for flame-magic. The application process serves it on unix://$FLAME_INSTANCE_ENDPOINT.
+Follows Flame release v0.6.0 (xflops/flame, commit 12432449a82079a7773ea833f2a9ac15d9ce3c3f);
+tests/unit/test_flame_protos.py checks it against flamepy 0.6.0's descriptors.
 """
 
 from collections import abc as _abc
