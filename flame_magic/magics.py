@@ -30,6 +30,7 @@ from flame_magic.protocol import cell
 from flame_magic.remote import TASK_INPUT_LIMIT, Connection, LiveChannel
 from flame_magic.runners import RunnerCount, RunnerStartTimeout
 from flame_magic.sessions import Plan, RequestError, plan, take_map_option
+from flame_magic.transfer import DigestMismatch
 from flame_magic.wire import INTERRUPT_GRACE
 
 # The cell body starts on the line after `%%flmrun`, and tracebacks should
@@ -643,6 +644,8 @@ class FlameMagics(Magics):
         if result.HasField("value"):
             try:
                 return self.connection().load(result.value)
+            except DigestMismatch:
+                raise  # not the runner's rendering either: the cache may have been tampered with
             except Exception as exc:
                 if not result.HasField("result"):  # a --map item: the runner made no rendering
                     text = f"<value that cannot be loaded here: {type(exc).__name__}: {exc}>"

@@ -126,7 +126,7 @@ def verify(data: memoryview, blob: cell.Blob, what: str) -> None:
     DigestMismatch
         Naming ``what`` (the value, the module) and the object.
     """
-    if digest(data) != blob.digest:
+    if data.nbytes != blob.size or digest(data) != blob.digest:
         keys = ", ".join(ObjectRef.decode(ref).key for ref in blob.refs)
         raise DigestMismatch(
             f"Not loaded: Flame's object cache holds other bytes for {what} than were sent "
@@ -367,7 +367,7 @@ class Shipper:
         if value.HasField("cached_pickle"):
             # A private copy: a file of the cache's storage could change after the check.
             data = bytes(self._fetch(value.cached_pickle, what, check=False))
-            verify(memoryview(data), value.cached_pickle, what)
+            self.verify(memoryview(data), value.cached_pickle, what)
         loaded = codec.loads_oob(data, buffers)
         with self._lock:  # what came in need not be stored again to go back out
             for blob in [*value.buffers, *([value.cached_pickle] if value.HasField("cached_pickle") else [])]:
@@ -380,8 +380,24 @@ class Shipper:
         """A blob's bytes from the cache, checked against its digest unless ``check`` is false."""
         data = self._fetch_unchecked(blob)
         if check:
-            verify(data, blob, what)
+            self.verify(data, blob, what)
         return data
+
+    def verify(self, data: memoryview, blob: cell.Blob, what: str) -> None:
+        """:func:`verify`, and on a mismatch delete the replaced object, so that it is sent anew."""
+        try:
+            verify(data, blob, what)
+        except DigestMismatch:
+            with self._lock:
+                self._known.pop(blob.digest, None)
+                self._stored.pop(blob.digest, None)
+            for ref in blob.refs:
+                try:
+                    if self.cache is not None:
+                        self.cache.delete(ObjectRef.decode(ref).key)
+                except CacheError:
+                    pass  # the next cell uploads it again anyway: the sender checks that it is there
+            raise
 
     def _fetch_unchecked(self, blob: cell.Blob) -> memoryview:
         if self.cache is None:
@@ -391,10 +407,7 @@ class Shipper:
             )
         refs = [ObjectRef.decode(ref) for ref in blob.refs]
         if len(refs) == 1:
-            data = self.cache.read(refs[0])
-            if data.nbytes != blob.size:
-                raise CacheError(f"Object {refs[0].key} holds {data.nbytes} bytes, not the {blob.size} sent.")
-            return data
+            return self.cache.read(refs[0])  # its size is checked with its digest
         from flame_magic.cache import allocate, copy_into  # pyarrow, on first use
 
         whole = allocate(blob.size)

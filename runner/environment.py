@@ -25,7 +25,7 @@ from collections.abc import Iterable
 from flame_magic.cache import CacheError, ObjectRef
 from flame_magic.modules import canonical, problems
 from flame_magic.protocol import cell
-from flame_magic.transfer import DigestMismatch, Shipper, verify
+from flame_magic.transfer import DigestMismatch, Shipper
 
 from .modules import Source, installed_importer
 
@@ -69,7 +69,7 @@ class Environment:
                 try:
                     # Code: a private copy, checked against the digest the request carries.
                     data = bytes(_fetch(shipper, module.blob))
-                    verify(memoryview(data), module.blob, f"the module {module.name!r}")
+                    shipper.verify(memoryview(data), module.blob, f"the module {module.name!r}")
                 except DigestMismatch as exc:
                     return f"Not run: {exc}"
                 except CacheError as exc:
