@@ -460,12 +460,6 @@ class Instance:
             os.killpg(pgid, signal.SIGKILL)
         _LIVE_GROUPS.discard(pgid)
 
-    def kill_now(self) -> None:
-        """SIGKILL the process group at once (last resort; no reaping)."""
-        if self._proc is not None and self._proc.pid in _LIVE_GROUPS:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
-
     def to_proto(self, node: str, resreq: protocol.types.ResourceRequirement) -> protocol.types.Executor:
         """This instance as a Flame ``Executor`` message."""
         return types.Executor(
