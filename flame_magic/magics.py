@@ -31,7 +31,7 @@ from flame_magic.remote import TASK_INPUT_LIMIT, Connection, LiveChannel
 from flame_magic.runners import RunnerCount, RunnerStartTimeout
 from flame_magic.sessions import Plan, RequestError, plan, take_map_option
 from flame_magic.transfer import DigestMismatch
-from flame_magic.wire import INTERRUPT_GRACE
+from flame_magic.wire import INTERRUPT_GRACE, item_channel
 
 # The cell body starts on the line after `%%flmrun`, and tracebacks should
 # count lines the way the notebook shows them.
@@ -347,7 +347,7 @@ class FlameMagics(Magics):
             self._show_output(output)
 
         def live(index: int) -> LiveChannel | None:
-            return connection.live_channel(session_id, show, f"{channel}-{index}")
+            return connection.live_channel(session_id, show, item_channel(channel, index))
 
         run = MapRun(
             client,

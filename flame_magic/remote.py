@@ -286,7 +286,8 @@ class Connection:
         with self._lock:
             if session_id not in self._shippers:
                 application = self._applications.get(session_id, self.application)
-                self._shippers[session_id] = Shipper(self.cache(), f"{application}/{session_id}")
+                prefix = wire.session_prefix(application, session_id)
+                self._shippers[session_id] = Shipper(self.cache(), prefix)
             return self._shippers[session_id]
 
     def load(self, value: cell.Value) -> Any:

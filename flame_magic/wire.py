@@ -58,6 +58,11 @@ def live_control_key(prefix: str, channel: str) -> str:
     return f"{prefix}/{channel}-ctl"
 
 
+def item_channel(channel: str, index: int) -> str:
+    """The live channel of item ``index`` of a ``--map`` whose cell has ``channel``."""
+    return f"{channel}-{index}"
+
+
 # -- timings (seconds) -----------------------------------------------------------------------
 
 #: How long Flame keeps an idle runner of flame-magic's application (its ``delay_release``):

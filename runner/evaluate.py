@@ -56,7 +56,6 @@ from typing import Any
 
 from flame_magic import codec
 from flame_magic.protocol import cell
-from flame_magic.transfer import Shipper
 
 from .debug import FailureKeeper
 from .environment import Environment
@@ -170,16 +169,13 @@ class Evaluator:
         self.prepare()
         result = cell.CellResult(header=codec.local_header())
         recorder = Recorder(RESULT_LIMIT)
-        shipper = self._traffic.begin(request)
-        live = None
-        if request.channel and shipper.enabled and shipper.cache is not None:
-            from .live import Live
-
-            live = Live(shipper.cache, shipper.key_prefix or "", request.channel, recorder.take)
+        self._traffic.begin(request)
+        live = self._traffic.live(request.channel, recorder.take)
+        if live is not None:
             live.start()
         try:
             with self._capture(recorder):
-                self._run(request, result, shipper)
+                self._run(request, result)
         finally:
             # Only what the notebook has not seen live comes with the result.
             unsent = live.stop() if live is not None else []
@@ -221,9 +217,9 @@ class Evaluator:
                     shell.display_pub = saved[2]
                     self._publisher.recorder = None
 
-    def _run(self, request: cell.CellRequest, result: cell.CellResult, shipper: Shipper) -> None:
+    def _run(self, request: cell.CellRequest, result: cell.CellResult) -> None:
         filename = request.filename or "<flmrun cell>"
-        if not self.environment.prepare(request, result, shipper):
+        if not self.environment.prepare(request, result, self._traffic.shipper):
             return  # refused before anything is unpickled
         loaded = self._traffic.inputs(request.inputs, result)
         if loaded is None:

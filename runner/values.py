@@ -1,8 +1,9 @@
 """A cell's values on their way in and out of the runner, inline or through Flame's object cache.
 
 The evaluation calls this module, never the other way round: it hands over the request
-before the cell runs (:meth:`Traffic.begin`, :meth:`Traffic.inputs`) and what the cell made
-after (:meth:`Traffic.last_value`, :meth:`Traffic.assigned`, :meth:`Traffic.finish`). How
+before the cell runs (:meth:`Traffic.begin`, :meth:`Traffic.inputs`, :meth:`Traffic.live`)
+and what the cell made after (:meth:`Traffic.last_value`, :meth:`Traffic.assigned`,
+:meth:`Traffic.finish`). How
 values travel (pickles, out-of-band buffers, the cache's objects, their digests) is
 :mod:`flame_magic.transfer`'s; what does not fit is left out by
 :mod:`flame_magic_runner.limits`, with a note.
@@ -11,8 +12,8 @@ values travel (pickles, out-of-band buffers, the cache's objects, their digests)
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from flame_magic import codec
 from flame_magic.cache import CacheClient, CacheError
@@ -23,6 +24,9 @@ from flame_magic.wire import INLINE_BUDGET, RUNNER_SIDE
 from .exceptions import input_error
 from .limits import RESULT_LIMIT, cap_representation, fit_to_limit, inline, too_large
 from .text import clean, safe_str, type_name
+
+if TYPE_CHECKING:
+    from .live import Live
 
 
 class Traffic:
@@ -38,6 +42,15 @@ class Traffic:
         self.shipper = self._shipper_for(request.cache if request.HasField("cache") else None)
         self.shipper.new_request()
         return self.shipper
+
+    def live(self, channel: str, take: Callable[[], list[cell.Output]]) -> Live | None:
+        """The running cell's live output and interrupt, through the cache (None: at the end)."""
+        shipper = self.shipper
+        if not channel or not shipper.enabled or shipper.cache is None:
+            return None
+        from .live import Live
+
+        return Live(shipper.cache, shipper.key_prefix or "", channel, take)
 
     def _shipper_for(self, access: cell.CacheAccess | None) -> Shipper:
         """Through the object cache when the notebook reads it.

@@ -21,6 +21,7 @@ def test_every_key_is_a_valid_object_key_of_its_session():
         wire.module_key(prefix, digest),
         wire.live_output_key(prefix, "c1"),
         wire.live_control_key(prefix, "c1"),
+        wire.live_output_key(prefix, wire.item_channel("c1", 7)),
     ]
     assert keys == [
         f"flame-magic/ssn-1/in-{digest}",
@@ -28,6 +29,7 @@ def test_every_key_is_a_valid_object_key_of_its_session():
         f"flame-magic/ssn-1/mod-{digest}",
         "flame-magic/ssn-1/c1-out",
         "flame-magic/ssn-1/c1-ctl",
+        "flame-magic/ssn-1/c1-7-out",
     ]
     for key in keys:
         assert objects.check_key(key)[:2] == ["flame-magic", "ssn-1"]
