@@ -32,7 +32,7 @@ import mmap
 import os
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +58,10 @@ ROW_BYTES = 1024 * 1024
 BATCH_BYTES = 16 * ROW_BYTES
 # Seconds for calls that move no data (delete, GetFlightInfo).
 CALL_TIMEOUT = 30.0
+
+#: ``check(size, read)``: sees an object's data (``read(start, end)`` gives bytes of it) before
+#: :meth:`CacheClient.read` returns it, and raises to refuse it.
+Check = Callable[[int, Callable[[int, int], Any]], None]
 
 _CONFIG_HINT = (
     "Check that Flame's object cache runs and that FLAME_CACHE_ENDPOINT (or `cache.endpoint` of "
@@ -353,15 +357,24 @@ class CacheClient:
         """An object's data, read-only (mapped from its file, or as Flight received it)."""
         return self._read(ref)
 
-    def read(self, ref: ObjectRef) -> memoryview:
-        """An object's data as writable memory (a copy-on-write map of its file, when possible)."""
-        return self._read(ref, writable=True)
+    def read(self, ref: ObjectRef, check: Check | None = None) -> memoryview:
+        """An object's data as writable memory (a copy-on-write map of its file, when possible).
 
-    def _read(self, ref: ObjectRef, writable: bool = False) -> memoryview:
+        Parameters
+        ----------
+        check
+            Called as ``check(size, read)`` before the data is returned, where ``read(start,
+            end)`` gives bytes of it: what it raises is raised, and nothing is returned. A file
+            of the storage is read for it through the descriptor that is then mapped, so that
+            the check touches no page of the map.
+        """
+        return self._read(ref, writable=True, check=check)
+
+    def _read(self, ref: ObjectRef, writable: bool = False, check: Check | None = None) -> memoryview:
         _need_pyarrow()
         check_key(ref.key)
         if self.storage is not None:
-            view = self._map_file(ref.key)
+            view = self._map_file(ref.key, check)
             if view is not None:
                 return view
         fetched = self.get(ref.key)
@@ -369,8 +382,11 @@ class CacheClient:
             raise CacheError(f"Flame's object cache at {self.endpoint} sent no data for {ref.key}.")
         if fetched.patches:
             raise CacheError(f"Object {ref.key} has patches: it is not a plain value.")
+        received = memoryview(fetched.base)
+        if check is not None:
+            check(received.nbytes, lambda start, end: received[start:end])
         if not writable:
-            return memoryview(fetched.base)
+            return received
         # Flight's buffers are read-only; values must be as writable as the sender's.
         copy = allocate(fetched.base.size)
         copy_into(copy, memoryview(fetched.base))
@@ -380,11 +396,8 @@ class CacheClient:
         assert self.storage is not None
         return objects.object_file(self.storage, key)
 
-    def _map_file(self, key: str) -> memoryview | None:
+    def _map_file(self, key: str, check: Check | None = None) -> memoryview | None:
         """The object's data mapped copy-on-write from its storage file, or None to ask the cache."""
-        import pyarrow as pa
-        import pyarrow.ipc as ipc
-
         path = self._file(key)
         if objects.deltas_dir(path).exists():
             return None
@@ -394,21 +407,18 @@ class CacheClient:
                 if size == 0:
                     return None
                 mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+                place = _data_in(mapped, size)
+                if place is None:
+                    return None  # not a file we can map (compressed, another layout): stream it instead
+                start, length = place
+                if check is not None:
+                    # The file the map shows (a replacement is another file), read, not mapped.
+                    fd = handle.fileno()
+                    check(length, lambda begin, end: os.pread(fd, end - begin, start + begin))
         except (FileNotFoundError, ValueError):
             return None
         except OSError as exc:
             raise CacheError(f"Cannot read {path}: {exc}") from None
-        try:
-            whole = pa.py_buffer(mapped)
-            batch = ipc.open_file(whole).get_batch(0)
-            data = objects.rows_data(batch.column(batch.num_columns - 1))
-            start, length = data.address - whole.address, data.size
-            inside = 0 <= start and start + length <= size
-            del whole, batch, data  # release their hold on the map
-        except (pa.ArrowException, IndexError, ValueError, struct.error):
-            return None  # not a file we can map (compressed, another layout): stream it instead
-        if not inside:
-            return None
         return memoryview(mapped)[start : start + length]
 
     # -- delete ---------------------------------------------------------------------
@@ -423,6 +433,22 @@ class CacheClient:
             results = list(self._flight().do_action(flight.Action("DELETE", key.encode()), self._options()))
         if not results:
             raise CacheError(f"Flame's object cache at {self.endpoint} did not confirm deleting {key}.")
+
+
+def _data_in(mapped: mmap.mmap, size: int) -> tuple[int, int] | None:
+    """Where an object file's data lies in its map (start, length), or None if not one row of it."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    try:
+        whole = pa.py_buffer(mapped)
+        batch = ipc.open_file(whole).get_batch(0)
+        data = objects.rows_data(batch.column(batch.num_columns - 1))
+        start, length = data.address - whole.address, data.size
+        del whole, batch, data  # release their hold on the map
+    except (pa.ArrowException, IndexError, ValueError, struct.error):
+        return None
+    return (start, length) if 0 <= start and start + length <= size else None
 
 
 # -- helpers ---------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -106,15 +106,20 @@ def digest(data: memoryview) -> str:
     cores share the work. 64 hexadecimal digits.
     """
     data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
-    size = data.nbytes
-    if size <= HASH_CHUNK:
-        chunk_digests = [hashlib.sha256(data).digest()]
-    else:
-        chunks = [data[start : start + HASH_CHUNK] for start in range(0, size, HASH_CHUNK)]
-        chunk_digests = list(_threads().map(lambda chunk: hashlib.sha256(chunk).digest(), chunks))
+    return digest_of(data.nbytes, lambda start, end: data[start:end])
+
+
+def digest_of(size: int, read: Callable[[int, int], Any]) -> str:
+    """:func:`digest` of ``size`` bytes that ``read(start, end)`` gives a chunk at a time."""
+
+    def chunk_digest(start: int) -> bytes:
+        return hashlib.sha256(read(start, min(size, start + HASH_CHUNK))).digest()
+
+    starts = range(0, max(size, 1), HASH_CHUNK)
+    chunk_digests = [chunk_digest(0)] if size <= HASH_CHUNK else list(_threads().map(chunk_digest, starts))
     top = hashlib.sha256(size.to_bytes(8, "little"))
-    for chunk_digest in chunk_digests:
-        top.update(chunk_digest)
+    for each in chunk_digests:
+        top.update(each)
     return top.hexdigest()
 
 
@@ -126,7 +131,13 @@ def verify(data: memoryview, blob: cell.Blob, what: str) -> None:
     DigestMismatch
         Naming ``what`` (the value, the module) and the object.
     """
-    if data.nbytes != blob.size or digest(data) != blob.digest:
+    data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    verify_read(data.nbytes, lambda start, end: data[start:end], blob, what)
+
+
+def verify_read(size: int, read: Callable[[int, int], Any], blob: cell.Blob, what: str) -> None:
+    """:func:`verify` of bytes that ``read(start, end)`` gives a chunk at a time."""
+    if size != blob.size or digest_of(size, read) != blob.digest:
         keys = ", ".join(ObjectRef.decode(ref).key for ref in blob.refs)
         raise DigestMismatch(
             f"Not loaded: Flame's object cache holds other bytes for {what} than were sent "
@@ -377,16 +388,35 @@ class Shipper:
         return loaded
 
     def _fetch(self, blob: cell.Blob, what: str, check: bool = True) -> memoryview:
-        """A blob's bytes from the cache, checked against its digest unless ``check`` is false."""
-        data = self._fetch_unchecked(blob)
+        """A blob's bytes from the cache, checked against its digest unless ``check`` is false.
+
+        An object mapped from the cache's storage is checked through reads of its file, not
+        through the map: pages of a value the cell never touches stay unmapped.
+        """
+        if self.cache is None:
+            raise CacheError(
+                "A value came by reference through Flame's object cache, but no cache is configured "
+                "here: set FLAME_CACHE_ENDPOINT (or `cache.endpoint` in ~/.flame/flame.yaml)."
+            )
+        refs = [ObjectRef.decode(ref) for ref in blob.refs]
+        if len(refs) == 1:
+
+            def checked(size: int, read: Callable[[int, int], Any]) -> None:
+                self._verified(lambda: verify_read(size, read, blob, what), blob)
+
+            return self.cache.read(refs[0], check=checked if check else None)
+        whole = self._fetch_parts(blob, refs)
         if check:
-            self.verify(data, blob, what)
-        return data
+            self.verify(whole, blob, what)
+        return whole
 
     def verify(self, data: memoryview, blob: cell.Blob, what: str) -> None:
         """:func:`verify`, and on a mismatch delete the replaced object, so that it is sent anew."""
+        self._verified(lambda: verify(data, blob, what), blob)
+
+    def _verified(self, check: Callable[[], None], blob: cell.Blob) -> None:
         try:
-            verify(data, blob, what)
+            check()
         except DigestMismatch:
             with self._lock:
                 self._known.pop(blob.digest, None)
@@ -399,16 +429,11 @@ class Shipper:
                     pass  # the next cell uploads it again anyway: the sender checks that it is there
             raise
 
-    def _fetch_unchecked(self, blob: cell.Blob) -> memoryview:
-        if self.cache is None:
-            raise CacheError(
-                "A value came by reference through Flame's object cache, but no cache is configured "
-                "here: set FLAME_CACHE_ENDPOINT (or `cache.endpoint` in ~/.flame/flame.yaml)."
-            )
-        refs = [ObjectRef.decode(ref) for ref in blob.refs]
-        if len(refs) == 1:
-            return self.cache.read(refs[0])  # its size is checked with its digest
+    def _fetch_parts(self, blob: cell.Blob, refs: list[ObjectRef]) -> memoryview:
+        """A blob too large for one object, its parts joined in fresh memory."""
         from flame_magic.cache import allocate, copy_into  # pyarrow, on first use
+
+        assert self.cache is not None
 
         whole = allocate(blob.size)
         offset = 0

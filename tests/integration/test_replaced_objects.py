@@ -89,12 +89,12 @@ def test_a_replaced_result_is_refused_by_name_and_loads_nothing(
     assert cache is not None
     original = cache.read
 
-    def read_after_replacing(ref):  # type: ignore[no-untyped-def]
+    def read_after_replacing(ref, check=None):  # type: ignore[no-untyped-def]
         # Between the runner's upload and the notebook's fetch: the task has ended, the
         # notebook is about to read what the result references.
         if ref.key.startswith(prefix):
             attacker.put(ref.key, b"\x80\x04K\x00.".ljust(8 * MB, b"\0"))
-        return original(ref)
+        return original(ref, check=check)
 
     monkeypatch.setattr(cache, "read", read_after_replacing)
     ran = run("%%flmrun --no-assign\nimport numpy as np\nnp.ones(MB_)".replace("MB_", str(MB)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 
 import pytest
 
@@ -31,10 +32,13 @@ class MemoryCache:
     def replace(self, key: str, data: bytes) -> None:
         self.put(key, data)
 
-    def read(self, ref: ObjectRef) -> memoryview:
+    def read(self, ref: ObjectRef, check: Any = None) -> memoryview:
         if ref.key not in self.objects:
             raise ObjectNotFound(ref.key)
-        return memoryview(bytearray(self.objects[ref.key][1]))
+        data = memoryview(bytearray(self.objects[ref.key][1]))
+        if check is not None:  # as CacheClient.read: the check sees the data before it is returned
+            check(data.nbytes, lambda start, end: data[start:end])
+        return data
 
     read_view = read
 
