@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import sysconfig
 from pathlib import Path
 
 from grpc_tools import protoc
@@ -21,9 +22,10 @@ PROTO_ROOT = ROOT / "proto"
 
 
 def _plugin(name: str) -> str:
-    """The path of a protoc plugin installed beside this Python (mypy-protobuf's)."""
-    beside = Path(sys.executable).parent / name
-    found = str(beside) if beside.exists() else shutil.which(name)
+    """The path of a protoc plugin installed for this Python (mypy-protobuf's)."""
+    places = (Path(sys.executable).parent, Path(sysconfig.get_path("scripts")))
+    beside = next((place / name for place in places if (place / name).exists()), None)
+    found = str(beside) if beside is not None else shutil.which(name)
     if not found:
         raise SystemExit(f"{name} not found: install the test extra (pip install -e '.[test]')")
     return found
