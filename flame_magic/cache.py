@@ -30,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import struct
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -336,9 +335,9 @@ class CacheClient:
             if kind == KIND_BASE:
                 if patches:
                     raise CacheError(f"Flame's object cache sent a base row after patches for {key}.")
-                base_parts.append(_row_buffer(data, row))
+                base_parts.append(objects.row_buffer(data, row))
             elif kind == KIND_PATCH:
-                patches.append((int(version), _row_buffer(data, row)))
+                patches.append((int(version), objects.row_buffer(data, row)))
             else:
                 raise CacheError(f"Flame's object cache sent a row of unknown kind {kind!r} for {key}.")
         base = _concat(base_parts) if base_parts else None
@@ -407,7 +406,9 @@ class CacheClient:
                 if size == 0:
                     return None
                 mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-                place = _data_in(mapped, size)
+                import pyarrow as pa
+
+                place = objects.data_in(pa.py_buffer(mapped), size)
                 if place is None:
                     return None  # not a file we can map (compressed, another layout): stream it instead
                 start, length = place
@@ -435,34 +436,7 @@ class CacheClient:
             raise CacheError(f"Flame's object cache at {self.endpoint} did not confirm deleting {key}.")
 
 
-def _data_in(mapped: mmap.mmap, size: int) -> tuple[int, int] | None:
-    """Where an object file's data lies in its map (start, length), or None if not one row of it."""
-    import pyarrow as pa
-    import pyarrow.ipc as ipc
-
-    try:
-        whole = pa.py_buffer(mapped)
-        batch = ipc.open_file(whole).get_batch(0)
-        data = objects.rows_data(batch.column(batch.num_columns - 1))
-        start, length = data.address - whole.address, data.size
-        del whole, batch, data  # release their hold on the map
-    except (pa.ArrowException, IndexError, ValueError, struct.error):
-        return None
-    return (start, length) if 0 <= start and start + length <= size else None
-
-
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def _row_buffer(column: pa.ChunkedArray, row: int) -> pa.Buffer:
-    """The bytes of one binary row, without copying."""
-    for chunk in column.chunks:
-        if row < len(chunk):
-            offsets = chunk.buffers()[1]
-            first, last = struct.unpack_from("<2i", offsets, (chunk.offset + row) * 4)
-            return chunk.buffers()[2].slice(first, last - first)
-        row -= len(chunk)
-    raise IndexError(row)
 
 
 def _concat(parts: list[pa.Buffer]) -> pa.Buffer:

@@ -294,3 +294,29 @@ def file_data(path: Path) -> pa.Buffer:
 
     batch = ipc.open_file(pa.memory_map(str(path))).get_batch(0)
     return rows_data(batch.column(batch.num_columns - 1))
+
+
+def row_buffer(column: pa.ChunkedArray, row: int) -> pa.Buffer:
+    """The bytes of one binary row, without copying."""
+    for chunk in column.chunks:
+        if row < len(chunk):
+            offsets = chunk.buffers()[1]
+            first, last = struct.unpack_from("<2i", offsets, (chunk.offset + row) * 4)
+            return chunk.buffers()[2].slice(first, last - first)
+        row -= len(chunk)
+    raise IndexError(row)
+
+
+def data_in(whole: pa.Buffer, size: int) -> tuple[int, int] | None:
+    """Where an object file's data lies in the file's bytes (start, length), or None if not one row."""
+    import pyarrow as pa
+    import pyarrow.ipc as ipc
+
+    try:
+        batch = ipc.open_file(whole).get_batch(0)
+        data = rows_data(batch.column(batch.num_columns - 1))
+        start, length = data.address - whole.address, data.size
+        del batch, data  # release their hold on the file's bytes
+    except (pa.ArrowException, IndexError, ValueError, struct.error):
+        return None
+    return (start, length) if 0 <= start and start + length <= size else None
