@@ -2,7 +2,7 @@
 
 Objects live under keys ``<app>/<session>/<id>`` and are named by *references*, small BSON
 documents ``{endpoint, key, version}`` that travel in task inputs and outputs instead of
-the data. The calls:
+the data (both, and the object files, are in :mod:`flame_magic.objects`). The calls:
 
 - put: Flight ``DoPut`` with a one-element PATH descriptor, ``<app>/<session>`` (the cache
   picks the id) or ``<app>/<session>/<id>`` (upsert); rows ``{version: uint64, data:
@@ -30,15 +30,15 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
+from flame_magic import objects
 from flame_magic.errors import CacheError, ObjectNotFound
+from flame_magic.objects import KIND_BASE, KIND_PATCH, ObjectRef, check_key
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -48,23 +48,20 @@ __all__ = [
     "CacheClient",
     "CacheError",
     "Fetched",
-    "ObjectInfo",
     "ObjectNotFound",
     "ObjectRef",
     "check_key",
-    "upload_file",
 ]
 
 # flamepy sends objects as 1 MiB rows; a batch (one gRPC message) holds 16 of them.
 ROW_BYTES = 1024 * 1024
 BATCH_BYTES = 16 * ROW_BYTES
-# The cache keeps an object's data in one binary row (32-bit offsets).
-MAX_OBJECT_BYTES = 2**31 - 1
-# Seconds for calls that move no data (delete, list, GetFlightInfo).
+# Seconds for calls that move no data (delete, GetFlightInfo).
 CALL_TIMEOUT = 30.0
 
-KIND_BASE = "base"
-KIND_PATCH = "patch"
+#: ``check(size, read)``: sees an object's data (``read(start, end)`` gives bytes of it) before
+#: :meth:`CacheClient.read` returns it, and raises to refuse it.
+Check = Callable[[int, Callable[[int, int], Any]], None]
 
 _CONFIG_HINT = (
     "Check that Flame's object cache runs and that FLAME_CACHE_ENDPOINT (or `cache.endpoint` of "
@@ -83,96 +80,6 @@ def _need_pyarrow() -> None:
         ) from None
 
 
-def check_key(key: str, parts: tuple[int, ...] = (3,)) -> list[str]:
-    """Split an object key or prefix, refusing what Flame refuses.
-
-    Parameters
-    ----------
-    key
-        ``<app>/<session>/<id>`` (or ``<app>/<session>`` when 2 is in ``parts``).
-    parts
-        The numbers of ``/``-separated parts accepted.
-    """
-    pieces = key.split("/")
-    if len(pieces) not in parts:
-        shapes = " or ".join("/".join(["<app>", "<session>", "<id>"][:n]) for n in parts)
-        raise CacheError(f"Invalid object key {key!r}: expected {shapes}.")
-    for piece in pieces:
-        if not piece or "\\" in piece or ".." in piece:
-            raise CacheError(f"Invalid object key {key!r}: parts must be non-empty, without '\\' or '..'.")
-    return pieces
-
-
-# -- references ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ObjectRef:
-    """A reference to a cached object, as Flame passes them around (a BSON document)."""
-
-    endpoint: str
-    key: str
-    version: int
-
-    def encode(self) -> bytes:
-        """The BSON document ``{endpoint, key, version}`` (version as int64, as Flame writes it)."""
-        body = (
-            _bson_string("endpoint", self.endpoint)
-            + _bson_string("key", self.key)
-            + b"\x12version\x00"
-            + struct.pack("<q", self.version)
-        )
-        return struct.pack("<i", len(body) + 5) + body + b"\x00"
-
-    @classmethod
-    def decode(cls, data: bytes) -> ObjectRef:
-        """Read a reference from BSON (as Flame's cache and flamepy write it)."""
-        try:
-            fields = _bson_decode(bytes(data))
-            endpoint, key, version = fields["endpoint"], fields["key"], fields["version"]
-        except (KeyError, ValueError, struct.error, UnicodeDecodeError) as exc:
-            raise CacheError(f"Not an object reference (BSON {{endpoint, key, version}}): {exc}") from None
-        if not isinstance(endpoint, str) or not isinstance(key, str) or not isinstance(version, int):
-            raise CacheError(f"Not an object reference: {fields!r}")
-        return cls(endpoint, key, version)
-
-
-def _bson_string(name: str, value: str) -> bytes:
-    data = value.encode("utf-8")
-    return b"\x02" + name.encode("utf-8") + b"\x00" + struct.pack("<i", len(data) + 1) + data + b"\x00"
-
-
-def _bson_decode(data: bytes) -> dict[str, Any]:
-    """Decode a flat BSON document of strings and numbers (all an object reference holds)."""
-    (length,) = struct.unpack_from("<i", data, 0)
-    if length != len(data) or data[-1:] != b"\x00":
-        raise ValueError("bad document length")
-    fields: dict[str, Any] = {}
-    pos = 4
-    while pos < length - 1:
-        kind = data[pos]
-        end = data.index(b"\x00", pos + 1)
-        name = data[pos + 1 : end].decode("utf-8")
-        pos = end + 1
-        if kind == 0x02:  # string
-            (size,) = struct.unpack_from("<i", data, pos)
-            fields[name] = data[pos + 4 : pos + 3 + size].decode("utf-8")
-            pos += 4 + size
-        elif kind == 0x10:  # int32
-            (fields[name],) = struct.unpack_from("<i", data, pos)
-            pos += 4
-        elif kind in (0x12, 0x11):  # int64, timestamp
-            (fields[name],) = struct.unpack_from("<q" if kind == 0x12 else "<Q", data, pos)
-            pos += 8
-        elif kind == 0x01:  # double
-            (value,) = struct.unpack_from("<d", data, pos)
-            fields[name] = int(value) if value.is_integer() else value
-            pos += 8
-        else:
-            raise ValueError(f"unexpected BSON element type {kind:#x} for {name!r}")
-    return fields
-
-
 # -- results ---------------------------------------------------------------------------------
 
 
@@ -183,14 +90,6 @@ class Fetched:
     version: int
     base: pa.Buffer | None
     patches: list[tuple[int, pa.Buffer]] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class ObjectInfo:
-    """One object as ``ListFlights`` shows it."""
-
-    key: str
-    size: int
 
 
 # -- the client ------------------------------------------------------------------------------
@@ -306,7 +205,10 @@ class CacheClient:
             if len(pieces) == 2:
                 key = f"{key}/{uuid.uuid4()}"
             return self._put_file(key, view)
-        return self._do_put(_path_descriptor(key), view, f"store {key}")
+        import pyarrow.flight as flight
+
+        # One path element: the whole key.
+        return self._do_put(flight.FlightDescriptor.for_path(key), view, f"store {key}")
 
     def patch(self, key: str, data: Any) -> ObjectRef:
         """Append ``data`` as a delta to the object under ``key`` (it must exist)."""
@@ -322,13 +224,13 @@ class CacheClient:
     def _do_put(self, descriptor: flight.FlightDescriptor, view: memoryview, what: str) -> ObjectRef:
         import pyarrow as pa
 
-        schema = _put_schema()
         buffer = pa.py_buffer(view)
         with self._errors(what):
-            writer, reader = self._flight().do_put(descriptor, schema, self._options(None))
+            writer, reader = self._flight().do_put(descriptor, objects.put_schema(), self._options(None))
             try:
                 for start in range(0, max(view.nbytes, 1), BATCH_BYTES):
-                    writer.write_batch(_rows(schema, buffer, start, min(view.nbytes, start + BATCH_BYTES)))
+                    end = min(view.nbytes, start + BATCH_BYTES)
+                    writer.write_batch(objects.rows(buffer, start, end, ROW_BYTES))
                 writer.done_writing()
                 reply = reader.read()
             finally:
@@ -362,13 +264,14 @@ class CacheClient:
         view = memoryview(data).cast("B")
         _check_size(view.nbytes, prefix)
         directory = self.storage / app / session
-        temporary = directory / f".{uuid.uuid4().hex}.tmp"
+        temporary = objects.temporary(directory)
         try:
             directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            schema = _put_schema()
+            schema = objects.put_schema()
             with pa.OSFile(str(temporary), "wb") as sink, ipc.new_file(sink, schema) as writer:
-                # Version 1, the reference's: a cache that reads the file keeps the same number.
-                writer.write_batch(_rows(schema, pa.py_buffer(view), 0, view.nbytes, one_row=True, version=1))
+                # One row, version 1, the reference's: a cache that reads the file keeps the number.
+                one_row = max(view.nbytes, 1)
+                writer.write_batch(objects.rows(pa.py_buffer(view), 0, view.nbytes, one_row, version=1))
         except OSError as exc:
             self.discard(temporary)
             raise CacheError(f"Cannot write into the cache's storage {self.storage}: {exc}") from None
@@ -384,7 +287,7 @@ class CacheClient:
             raise CacheError(f"{staged} was staged for another session than {key}.")
         try:
             # A replaced object loses its patches, as on a put through Flight.
-            _remove_tree(path.with_suffix(".deltas"))
+            _remove_tree(objects.deltas_dir(path))
             os.replace(staged, path)
         except OSError as exc:
             self.discard(staged)
@@ -433,9 +336,9 @@ class CacheClient:
             if kind == KIND_BASE:
                 if patches:
                     raise CacheError(f"Flame's object cache sent a base row after patches for {key}.")
-                base_parts.append(_row_buffer(data, row))
+                base_parts.append(objects.row_buffer(data, row))
             elif kind == KIND_PATCH:
-                patches.append((int(version), _row_buffer(data, row)))
+                patches.append((int(version), objects.row_buffer(data, row)))
             else:
                 raise CacheError(f"Flame's object cache sent a row of unknown kind {kind!r} for {key}.")
         base = _concat(base_parts) if base_parts else None
@@ -454,15 +357,24 @@ class CacheClient:
         """An object's data, read-only (mapped from its file, or as Flight received it)."""
         return self._read(ref)
 
-    def read(self, ref: ObjectRef) -> memoryview:
-        """An object's data as writable memory (a copy-on-write map of its file, when possible)."""
-        return self._read(ref, writable=True)
+    def read(self, ref: ObjectRef, check: Check | None = None) -> memoryview:
+        """An object's data as writable memory (a copy-on-write map of its file, when possible).
 
-    def _read(self, ref: ObjectRef, writable: bool = False) -> memoryview:
+        Parameters
+        ----------
+        check
+            Called as ``check(size, read)`` before the data is returned, where ``read(start,
+            end)`` gives bytes of it: what it raises is raised, and nothing is returned. A file
+            of the storage is read for it through the descriptor that is then mapped, so that
+            the check touches no page of the map.
+        """
+        return self._read(ref, writable=True, check=check)
+
+    def _read(self, ref: ObjectRef, writable: bool = False, check: Check | None = None) -> memoryview:
         _need_pyarrow()
         check_key(ref.key)
         if self.storage is not None:
-            view = self._map_file(ref.key)
+            view = self._map_file(ref.key, check)
             if view is not None:
                 return view
         fetched = self.get(ref.key)
@@ -470,8 +382,11 @@ class CacheClient:
             raise CacheError(f"Flame's object cache at {self.endpoint} sent no data for {ref.key}.")
         if fetched.patches:
             raise CacheError(f"Object {ref.key} has patches: it is not a plain value.")
+        received = memoryview(fetched.base)
+        if check is not None:
+            check(received.nbytes, lambda start, end: received[start:end])
         if not writable:
-            return memoryview(fetched.base)
+            return received
         # Flight's buffers are read-only; values must be as writable as the sender's.
         copy = allocate(fetched.base.size)
         copy_into(copy, memoryview(fetched.base))
@@ -479,16 +394,12 @@ class CacheClient:
 
     def _file(self, key: str) -> Path:
         assert self.storage is not None
-        app, session, object_id = check_key(key)
-        return self.storage / app / session / f"{object_id}.arrow"
+        return objects.object_file(self.storage, key)
 
-    def _map_file(self, key: str) -> memoryview | None:
+    def _map_file(self, key: str, check: Check | None = None) -> memoryview | None:
         """The object's data mapped copy-on-write from its storage file, or None to ask the cache."""
-        import pyarrow as pa
-        import pyarrow.ipc as ipc
-
         path = self._file(key)
-        if path.with_suffix(".deltas").exists():
+        if objects.deltas_dir(path).exists():
             return None
         try:
             with open(path, "rb") as handle:
@@ -496,145 +407,37 @@ class CacheClient:
                 if size == 0:
                     return None
                 mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+                import pyarrow as pa
+
+                place = objects.data_in(pa.py_buffer(mapped), size)
+                if place is None:
+                    return None  # not a file we can map (compressed, another layout): stream it instead
+                start, length = place
+                if check is not None:
+                    # The file the map shows (a replacement is another file), read, not mapped.
+                    fd = handle.fileno()
+                    check(length, lambda begin, end: os.pread(fd, end - begin, start + begin))
         except (FileNotFoundError, ValueError):
             return None
         except OSError as exc:
             raise CacheError(f"Cannot read {path}: {exc}") from None
-        try:
-            whole = pa.py_buffer(mapped)
-            batch = ipc.open_file(whole).get_batch(0)
-            column = batch.column(batch.num_columns - 1)
-            _, offsets, data = column.buffers()
-            (first,) = struct.unpack_from("<i", offsets, column.offset * 4)
-            (last,) = struct.unpack_from("<i", offsets, (column.offset + len(column)) * 4)
-            start = data.address - whole.address + first
-            inside = 0 <= start and start + (last - first) <= size
-            del whole, batch, column, offsets, data  # release their hold on the map
-        except (pa.ArrowException, IndexError, struct.error):
-            return None  # not a file we can map (compressed, another layout): stream it instead
-        if not inside:
-            return None
-        return memoryview(mapped)[start : start + last - first]
+        return memoryview(mapped)[start : start + length]
 
-    # -- delete and list ---------------------------------------------------------------------
+    # -- delete ---------------------------------------------------------------------
 
     def delete(self, key: str) -> None:
         """Delete one object, every object of ``<app>/<session>``, or of ``<app>/*``."""
         _need_pyarrow()
         import pyarrow.flight as flight
 
-        pieces = check_key(key, (2, 3))
-        if pieces[1] == "*" and len(pieces) == 3:
-            raise CacheError(f"Invalid object key {key!r}: '*' stands for every session, without an id.")
+        check_key(key, (2, 3), wildcard=True)
         with self._errors(f"delete {key}"):
             results = list(self._flight().do_action(flight.Action("DELETE", key.encode()), self._options()))
         if not results:
             raise CacheError(f"Flame's object cache at {self.endpoint} did not confirm deleting {key}.")
 
-    def list(self) -> list[ObjectInfo]:
-        """Every object the cache holds (``ListFlights``)."""
-        _need_pyarrow()
-        infos = []
-        with self._errors("list objects"):
-            for info in self._flight().list_flights(options=self._options()):
-                for endpoint in info.endpoints:
-                    key = endpoint.ticket.ticket.decode("utf-8", "replace").rsplit(":", 1)[0]
-                    infos.append(ObjectInfo(key=key, size=int(info.total_bytes)))
-        return infos
-
-
-def upload_file(cache: CacheClient, path: str | os.PathLike[str], key: str) -> str:
-    """Upload a file (an application package) and return its ``grpc(s)://HOST:PORT/<key>`` url.
-
-    Flame's executor managers download ``grpc://`` and ``grpcs://`` application urls from
-    the object cache, so a cluster needs no shared file system for packages. Flame's own
-    tools use keys ``<app>/pkg/<file name>``.
-    """
-    check_key(key)
-    location = urlsplit(cache.location)
-    if location.scheme not in ("grpc", "grpc+tcp", "grpc+tls") or not location.hostname:
-        raise CacheError(
-            f"The object cache at {cache.endpoint} has no network address that executors could "
-            "download from: a package url needs a grpc://HOST:PORT cache."
-        )
-    try:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            data: Any = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-    except OSError as exc:
-        raise CacheError(f"Cannot read {path}: {exc}") from None
-    ref = cache.put(key, data)
-    scheme = "grpcs" if location.scheme == "grpc+tls" else "grpc"
-    return f"{scheme}://{location.netloc}/{ref.key}"
-
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def _put_schema() -> pa.Schema:
-    import pyarrow as pa
-
-    return pa.schema([("version", pa.uint64()), ("data", pa.binary())])
-
-
-def _path_descriptor(key: str) -> flight.FlightDescriptor:
-    import pyarrow.flight as flight
-
-    return flight.FlightDescriptor.for_path(key)  # one element: the whole key
-
-
-def _rows(
-    schema: pa.Schema, buffer: pa.Buffer, start: int, end: int, one_row: bool = False, version: int = 0
-) -> pa.RecordBatch:
-    """Rows of ``buffer[start:end]`` (1 MiB each, or one), without copying the data.
-
-    A put's rows carry version 0 (the cache numbers versions); a file's, the version it is.
-    """
-    import pyarrow as pa
-
-    size = end - start
-    step = max(size, 1) if one_row else ROW_BYTES
-    bounds = list(range(0, size, step)) + [size]
-    if size == 0:
-        bounds = [0, 0]
-    count = len(bounds) - 1
-    offsets = pa.py_buffer(struct.pack(f"<{count + 1}i", *bounds))
-    data = pa.Array.from_buffers(pa.binary(), count, [None, offsets, buffer.slice(start, size)])
-    return pa.RecordBatch.from_arrays([uint64s(version, count), data], schema=schema)
-
-
-def uint64s(value: int, count: int = 1) -> pa.Array:
-    """An Arrow uint64 array of ``count`` times ``value``, built from its buffer.
-
-    Not ``pa.array([...])``: pyarrow's conversion of a Python list imports pandas (a second,
-    more on a busy machine) the first time, if pandas is installed.
-    """
-    import pyarrow as pa
-
-    return pa.Array.from_buffers(
-        pa.uint64(), count, [None, pa.py_buffer(struct.pack(f"<{count}Q", *[value] * count))]
-    )
-
-
-def utf8s(text: str) -> pa.Array:
-    """An Arrow utf8 array of one ``text``, built from its buffers (see :func:`uint64s`)."""
-    import pyarrow as pa
-
-    data = text.encode()
-    return pa.Array.from_buffers(
-        pa.utf8(), 1, [None, pa.py_buffer(struct.pack("<2i", 0, len(data))), pa.py_buffer(data)]
-    )
-
-
-def _row_buffer(column: pa.ChunkedArray, row: int) -> pa.Buffer:
-    """The bytes of one binary row, without copying."""
-    for chunk in column.chunks:
-        if row < len(chunk):
-            offsets = chunk.buffers()[1]
-            first, last = struct.unpack_from("<2i", offsets, (chunk.offset + row) * 4)
-            return chunk.buffers()[2].slice(first, last - first)
-        row -= len(chunk)
-    raise IndexError(row)
 
 
 def _concat(parts: list[pa.Buffer]) -> pa.Buffer:
@@ -671,10 +474,10 @@ def copy_into(destination: memoryview, source: memoryview) -> None:
 
 
 def _check_size(size: int, key: str) -> None:
-    if size > MAX_OBJECT_BYTES:
+    if size > objects.MAX_OBJECT_BYTES:
         raise CacheError(
             f"Cannot store {size} bytes under {key}: Flame's object cache holds at most "
-            f"{MAX_OBJECT_BYTES} bytes per object; split the data into several objects."
+            f"{objects.MAX_OBJECT_BYTES} bytes per object; split the data into several objects."
         )
 
 

@@ -17,11 +17,9 @@ from typing import Any
 
 from flame_magic import codec
 from flame_magic.errors import ShipError
-from flame_magic.protocol import MAX_MESSAGE_BYTES, cell
+from flame_magic.protocol import cell
 from flame_magic.transfer import CACHE_HINT, Outgoing, Shipper
-
-# Bytes of values a task's message may carry inline; the rest goes through the object cache.
-INLINE_BUDGET = 3 * 1024 * 1024
+from flame_magic.wire import INLINE_BUDGET, MAX_MESSAGE_BYTES
 
 # A statement that completes binds its targets for sure; compound statements
 # (if, for, while, try, match) may skip theirs, so they do not count.

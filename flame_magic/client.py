@@ -9,7 +9,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import grpc
@@ -26,13 +26,17 @@ from flame_magic.protocol import (
     frontend,
     types,
 )
+from flame_magic.wire import LIVE_POLL
+
+Req = TypeVar("Req")
+Reply = TypeVar("Reply")
 
 # A watch is re-opened after these many seconds, then every last one, to notice
 # sessions that cannot start (their tasks would otherwise stay Pending forever).
 # Flame's own WatchTask says nothing until the next change, so a task that ended
 # before the watch opened is found by the GetTask after the first, short slice.
 WATCH_SLICES_SECONDS = (0.25, 1.0)
-TICK_SECONDS = 0.2
+TICK_SECONDS = LIVE_POLL
 
 # Every streamed Task carries its input and its output, each up to Flame's limit:
 # this side's receive limit is ours to set, and must hold both.
@@ -134,9 +138,9 @@ class FlameClient:
                     )
             raise FlameError(f"Cannot reach Flame at {self.endpoint}: {reason}. {where}") from None
 
-    def _call(self, method: str, request: object, what: str) -> object:
+    def _call(self, method: grpc.UnaryUnaryMultiCallable[Req, Reply], request: Req, what: str) -> Reply:
         try:
-            return getattr(self._stub, method)(request, timeout=CALL_TIMEOUT_SECONDS)
+            return method(request, timeout=CALL_TIMEOUT_SECONDS)
         except grpc.RpcError as exc:
             raise self._error(exc, what) from None
 
@@ -162,8 +166,8 @@ class FlameClient:
             raise self._error(exc, f"get application {name!r}") from None
 
     def list_applications(self) -> list[types.Application]:
-        reply = self._call("ListApplication", frontend.ListApplicationRequest(), "list applications")
-        return list(reply.applications)  # type: ignore[attr-defined]
+        reply = self._call(self._stub.ListApplication, frontend.ListApplicationRequest(), "list applications")
+        return list(reply.applications)
 
     def list_nodes(self) -> list[types.Node]:
         """Flame's nodes with their capacity (empty when Flame does not say)."""
@@ -177,49 +181,45 @@ class FlameClient:
 
     def list_executors(self) -> list[types.Executor]:
         """Flame's executors: which session each is bound to, and its state."""
-        reply = self._call("ListExecutor", frontend.ListExecutorRequest(), "list executors")
-        return list(reply.executors)  # type: ignore[attr-defined]
+        reply = self._call(self._stub.ListExecutor, frontend.ListExecutorRequest(), "list executors")
+        return list(reply.executors)
 
     def register_application(self, name: str, spec: types.ApplicationSpec) -> None:
         request = frontend.RegisterApplicationRequest(name=name, application=spec)
-        self._check(self._call("RegisterApplication", request, f"register application {name!r}"))
+        self._check(self._call(self._stub.RegisterApplication, request, f"register application {name!r}"))
 
     def update_application(self, name: str, spec: types.ApplicationSpec) -> None:
         request = frontend.UpdateApplicationRequest(name=name, application=spec)
-        self._check(self._call("UpdateApplication", request, f"update application {name!r}"))
-
-    def unregister_application(self, name: str) -> None:
-        request = frontend.UnregisterApplicationRequest(name=name)
-        self._check(self._call("UnregisterApplication", request, f"unregister application {name!r}"))
+        self._check(self._call(self._stub.UpdateApplication, request, f"update application {name!r}"))
 
     @staticmethod
-    def _check(result: object) -> None:
-        if result.return_code != 0:  # type: ignore[attr-defined]
-            raise FlameError(result.message)  # type: ignore[attr-defined]
+    def _check(result: types.Result) -> None:
+        if result.return_code != 0:
+            raise FlameError(result.message)
 
     # Sessions
 
     def open_session(self, session_id: str, spec: types.SessionSpec) -> types.Session:
         request = frontend.OpenSessionRequest(session_id=session_id, session=spec)
-        return self._call("OpenSession", request, f"open session {session_id!r}")  # type: ignore[return-value]
+        return self._call(self._stub.OpenSession, request, f"open session {session_id!r}")
 
     def get_session(self, session_id: str) -> types.Session:
         request = frontend.GetSessionRequest(session_id=session_id)
-        return self._call("GetSession", request, f"get session {session_id!r}")  # type: ignore[return-value]
+        return self._call(self._stub.GetSession, request, f"get session {session_id!r}")
 
     def list_sessions(self) -> list[types.Session]:
-        reply = self._call("ListSession", frontend.ListSessionRequest(), "list sessions")
-        return list(reply.sessions)  # type: ignore[attr-defined]
+        reply = self._call(self._stub.ListSession, frontend.ListSessionRequest(), "list sessions")
+        return list(reply.sessions)
 
     def close_session(self, session_id: str) -> types.Session:
         request = frontend.CloseSessionRequest(session_id=session_id)
-        return self._call("CloseSession", request, f"close session {session_id!r}")  # type: ignore[return-value]
+        return self._call(self._stub.CloseSession, request, f"close session {session_id!r}")
 
     # Tasks
 
     def create_task(self, session_id: str, task_input: bytes) -> types.Task:
         request = frontend.CreateTaskRequest(task=types.TaskSpec(session_id=session_id, input=task_input))
-        return self._call("CreateTask", request, f"create a task in session {session_id!r}")  # type: ignore[return-value]
+        return self._call(self._stub.CreateTask, request, f"create a task in session {session_id!r}")
 
     def create_tasks(self, session_id: str, inputs: Iterable[bytes], depth: int = 16) -> Iterator[types.Task]:
         """Create one task per input, yielded in input order, with up to ``depth`` calls in flight."""
@@ -227,21 +227,24 @@ class FlameClient:
             frontend.CreateTaskRequest(task=types.TaskSpec(session_id=session_id, input=data))
             for data in inputs
         )
-        return self._pipelined("CreateTask", requests, f"create a task in session {session_id!r}", depth)
+        return self._pipelined(
+            self._stub.CreateTask, requests, f"create a task in session {session_id!r}", depth
+        )
 
     def get_tasks(self, session_id: str, task_ids: Iterable[str], depth: int = 16) -> Iterator[types.Task]:
         """GetTask for each id, yielded in order, with up to ``depth`` calls in flight."""
         requests = (frontend.GetTaskRequest(task_id=task_id, session_id=session_id) for task_id in task_ids)
-        return self._pipelined("GetTask", requests, f"get the tasks of {session_id!r}", depth)
+        return self._pipelined(self._stub.GetTask, requests, f"get the tasks of {session_id!r}", depth)
 
-    def _pipelined(self, method: str, requests: Iterable[object], what: str, depth: int) -> Iterator[Any]:
+    def _pipelined(
+        self, method: grpc.UnaryUnaryMultiCallable[Req, Reply], requests: Iterable[Req], what: str, depth: int
+    ) -> Iterator[Reply]:
         """Results of unary calls made ``depth`` at a time (one at a time would leave Flame idle
         for a round trip per call)."""
-        stub = getattr(self._stub, method)
-        calls: deque[grpc.Future] = deque()
+        calls: deque[grpc.Future[Reply]] = deque()
         try:
             for request in requests:
-                calls.append(stub.future(request, timeout=CALL_TIMEOUT_SECONDS))
+                calls.append(method.future(request, timeout=CALL_TIMEOUT_SECONDS))
                 if len(calls) >= depth:
                     yield self._outcome(calls.popleft(), what)
             while calls:
@@ -250,7 +253,7 @@ class FlameClient:
             for call in calls:  # the caller stopped early: what Flame has not received is not done
                 call.cancel()
 
-    def _outcome(self, call: grpc.Future, what: str) -> Any:
+    def _outcome(self, call: grpc.Future[Reply], what: str) -> Reply:
         try:
             return call.result()
         except grpc.RpcError as exc:
@@ -258,7 +261,7 @@ class FlameClient:
 
     def get_task(self, session_id: str, task_id: str) -> types.Task:
         request = frontend.GetTaskRequest(task_id=task_id, session_id=session_id)
-        return self._call("GetTask", request, f"get task {task_id} of {session_id!r}")  # type: ignore[return-value]
+        return self._call(self._stub.GetTask, request, f"get task {task_id} of {session_id!r}")
 
     def wait_task(
         self,
@@ -305,7 +308,7 @@ class FlameClient:
         """The newest state seen within one watch slice (None when nothing came)."""
         request = frontend.WatchTaskRequest(task_id=task_id, session_id=session_id)
         last = None
-        stream: Iterator[types.Task] = self._stub.WatchTask(request, timeout=seconds)
+        stream = self._stub.WatchTask(request, timeout=seconds)
         try:
             for last in stream:
                 if last.status.state in TERMINAL_TASK_STATES:
@@ -318,7 +321,7 @@ class FlameClient:
             if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise self._error(exc, f"watch task {task_id} of {session_id!r}") from None
         finally:
-            stream.cancel()  # type: ignore[attr-defined]
+            stream.cancel()
         if last is None or last.status.state not in TERMINAL_TASK_STATES:
             # A watch that opened after the last change may say nothing: ask directly.
             last = self.get_task(session_id, task_id)

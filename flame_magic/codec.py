@@ -39,7 +39,10 @@ from flame_magic.protocol import cell
 # 3: the notebook's own modules, required packages and --pip (CellRequest.modules, requires, pip);
 #    a failed cell's frames for %debug (RemoteException.debug_id/frames, CellRequest.debug_fetch);
 #    builtin bases of remote exceptions (RemoteException.builtin_bases).
-PROTOCOL_VERSION = 3
+# 4: the wire contract written once (flame_magic.wire, flame_magic.objects): the last value in
+#    one field (CellResult.value), the interrupt a message (Interrupt), every blob's SHA-256
+#    digest checked before its bytes are loaded (Blob.digest, Module.digest).
+PROTOCOL_VERSION = 4
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 CLOUDPICKLE_VERSION: str = cloudpickle.__version__
 

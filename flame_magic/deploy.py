@@ -32,15 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from flame_magic import codec
+from flame_magic import codec, wire
 from flame_magic.applications import DEFAULT_NAME, RUNNER_MODULE, is_our_runner
 from flame_magic.client import FlameClient
 from flame_magic.errors import FlameError, RequestError
 from flame_magic.protocol import types
 
-# A notebook user runs a cell, reads, edits and runs the next: keep the runner (and what
-# earlier cells imported) warm for ten minutes rather than Flame's default minute.
-DELAY_RELEASE_SECONDS = 600
 PYTHON_VERSION = codec.PYTHON_VERSION
 # flame-magic's dependencies that only the notebook side needs stay out of the runner's package.
 # (flamepy, packaging, tomli: the embedded Flame's; cloudpickle: pinned instead.)
@@ -194,7 +191,7 @@ def runner_spec(
             f"Python {PYTHON_VERSION}, cloudpickle {codec.CLOUDPICKLE_VERSION})"
         ),
         environments=[types.Environment(name="FLAME_PYTHON_VERSION", value=PYTHON_VERSION)],
-        delay_release=DELAY_RELEASE_SECONDS,
+        delay_release=wire.RELEASE_DELAY,
     )
     if url is not None:
         spec.command = UV_COMMAND

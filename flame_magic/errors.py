@@ -110,6 +110,10 @@ class ObjectNotFound(CacheError):
     """The cache holds no object under the key (never put, deleted, or evicted)."""
 
 
+class DigestMismatch(CacheError):
+    """What the object cache gave for a value is not what was sent: nothing of it was loaded."""
+
+
 class WaitStopped(FlameMagicError):
     """A wait for a task was given up because its ``stop`` event was set (the task goes on)."""
 

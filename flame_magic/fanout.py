@@ -34,6 +34,7 @@ from flame_magic.client import FlameClient
 from flame_magic.debugger import remote_failure
 from flame_magic.errors import CellFailed, FlameError, ShipError, WaitStopped
 from flame_magic.protocol import TERMINAL_TASK_STATES, cell, types
+from flame_magic.wire import item_channel
 
 if TYPE_CHECKING:
     from flame_magic.live import LiveChannel
@@ -148,7 +149,7 @@ def iter_item_payloads(
             ) from None
         own = cell.CellRequest(inputs=[cell.Value(name=name, pickle=pickled)])
         if channel:
-            own.channel = f"{channel}-{index}"
+            own.channel = item_channel(channel, index)
         payload = shared + own.SerializeToString()
         if len(payload) > limit:
             raise ShipError(

@@ -7,20 +7,13 @@ writes an interrupt to a second object, which the runner watches.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 
+from flame_magic import codec, wire
 from flame_magic.cache import CacheClient
 from flame_magic.errors import CacheError, ObjectNotFound
 from flame_magic.protocol import cell
-
-# Seconds between two reads of a running cell's live output, by default (FlameMagics.live_poll_interval).
-EMBEDDED_LIVE_PERIOD = 0.05
-CLUSTER_LIVE_PERIOD = 0.2
-
-# Seconds into a cell of the runner's first flush of its output (runner/live.py's FLUSH_EVERY).
-RUNNER_FIRST_FLUSH = 0.02
 
 
 class LiveChannel:
@@ -31,8 +24,8 @@ class LiveChannel:
     ) -> None:
         self.cache = cache
         self.channel = channel
-        self.out_key = f"{prefix}/{channel}-out"
-        self.ctl_key = f"{prefix}/{channel}-ctl"
+        self.out_key = wire.live_output_key(prefix, channel)
+        self.ctl_key = wire.live_control_key(prefix, channel)
         self.show = show
         self.version = 0
         self.interrupted = False
@@ -62,7 +55,7 @@ class LiveChannel:
 
     def interrupt(self, grace: float) -> None:
         """Ask the runner to interrupt the cell, and to exit if it has not stopped after ``grace`` s."""
-        self.cache.put(self.ctl_key, json.dumps({"interrupt": True, "grace": grace}).encode())
+        self.cache.put(self.ctl_key, codec.encode(cell.Interrupt(header=codec.local_header(), grace=grace)))
         self.interrupted = True
 
     def finish(self, streamed: bool | None = None) -> None:
@@ -70,11 +63,11 @@ class LiveChannel:
 
         ``streamed`` (the result's flag) says whether the runner wrote to the channel (a --map
         item's, shown in turn). None: unknown, and the runner, which flushes from
-        :data:`RUNNER_FIRST_FLUSH` into the cell, cannot have written if the channel is younger:
+        :data:`~flame_magic.wire.LIVE_FLUSH` into the cell, cannot have written if the channel is younger:
         a quick cell costs no cache call at all.
         """
         keys = []
-        young = time.monotonic() - self._since < RUNNER_FIRST_FLUSH
+        young = time.monotonic() - self._since < wire.LIVE_FLUSH
         if self.polled or streamed or (streamed is None and not young):
             self.poll()
             keys.append(self.out_key)

@@ -40,6 +40,7 @@ from flame_magic.protocol import cell
 from flame_magic.remote import Connection
 from flame_magic.results import Prepared, Result
 from flame_magic.sessions import Plan, plan, take_map_option
+from flame_magic.wire import INTERRUPT_GRACE
 
 
 @contextlib.contextmanager
@@ -85,7 +86,7 @@ class FlameMagics(Magics):
         "embedded Flame, 0.2 on a cluster, where each read is a call to its object cache).",
     ).tag(config=True)
     interrupt_grace = Float(
-        5.0,
+        INTERRUPT_GRACE,
         help="Seconds an interrupted cell may take to stop before its runner is stopped (and replaced).",
     ).tag(config=True)
     map_instances = Int(

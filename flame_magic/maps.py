@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from flame_magic import debugger
+from flame_magic.wire import item_channel
 from flame_magic.errors import CellFailed, RunnerStartTimeout, SessionGoneError, SessionStartError
 from flame_magic.fanout import MapOutcome, MapRun, Progress, item_payloads, iter_item_payloads
 from flame_magic.live import LiveChannel
@@ -90,7 +91,7 @@ class Maps:
 
         def live(index: int) -> LiveChannel | None:
             assert show is not None
-            return self.runs.live_channel(session_id, show, f"{channel}-{index}")
+            return self.runs.live_channel(session_id, show, item_channel(channel, index))
 
         run = MapRun(
             client,

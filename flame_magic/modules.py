@@ -23,7 +23,6 @@ it ships name it) is one of:
 from __future__ import annotations
 
 import ast
-import hashlib
 import importlib.machinery
 import importlib.metadata
 import importlib.util
@@ -45,6 +44,8 @@ from flame_magic.locator import (
     imported_tops,
 )
 from flame_magic.protocol import cell
+from flame_magic.transfer import digest
+from flame_magic.wire import module_key
 
 if TYPE_CHECKING:
     from flame_magic.codec import ModulesUsed
@@ -201,7 +202,7 @@ class Environment:
             imports, surely = imported_tops(tree), imported_tops(tree, surely=True)
         except (SyntaxError, ValueError):
             imports = surely = []  # the runner's import shows the error, as a local import would
-        found = _File(stamp, source, hashlib.sha256(source).hexdigest()[:40], imports, surely)
+        found = _File(stamp, source, digest(memoryview(source)), imports, surely)
         self._files[path] = found
         return found
 
@@ -237,7 +238,7 @@ class Environment:
         key = (shipper.key_prefix, file.digest)
         if key not in self._uploaded:
             try:
-                ref = shipper.cache.put(f"{shipper.key_prefix}/mod-{file.digest}", memoryview(file.source))
+                ref = shipper.cache.put(module_key(shipper.key_prefix, file.digest), memoryview(file.source))
             except CacheError as exc:
                 raise ShipError(f"Cannot store a module's source in Flame's object cache: {exc}") from None
             self._uploaded[key] = cell.Blob(size=len(file.source), digest=file.digest, refs=[ref.encode()])

@@ -6,6 +6,8 @@ generated modules stay an implementation detail of ``flame_magic._proto``.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flame_magic._proto import cell_pb2 as cell
 from flame_magic._proto import frontend_pb2 as frontend
 from flame_magic._proto import instance_pb2 as instance
@@ -20,6 +22,12 @@ from flame_magic._proto.instance_pb2_grpc import (
     InstanceStub,
     add_InstanceServicer_to_server,
 )
+from flame_magic.wire import MAX_MESSAGE_BYTES
+
+if TYPE_CHECKING:
+    # Typed stubs for grpc.aio channels (only in the generated .pyi files).
+    from flame_magic._proto.frontend_pb2_grpc import FrontendAsyncStub
+    from flame_magic._proto.instance_pb2_grpc import InstanceAsyncStub
 
 __all__ = [
     "cell",
@@ -28,9 +36,11 @@ __all__ = [
     "types",
     "FrontendServicer",
     "FrontendStub",
+    "FrontendAsyncStub",
     "add_FrontendServicer_to_server",
     "InstanceServicer",
     "InstanceStub",
+    "InstanceAsyncStub",
     "add_InstanceServicer_to_server",
     "MAX_MESSAGE_BYTES",
     "EVENT_TASK_FAILED",
@@ -39,10 +49,6 @@ __all__ = [
     "TERMINAL_TASK_STATES",
     "FLMRUN",
 ]
-
-# Flame never raises gRPC's default receive limit, so every hop (task input,
-# task output, common_data) must fit in it, envelope included.
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 # Event codes Flame records on tasks and sessions.
 EVENT_TASK_FAILED = 3

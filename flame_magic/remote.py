@@ -14,14 +14,13 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from flame_magic import codec
+from flame_magic import codec, wire
 from flame_magic.applications import automatic_application, check_application, is_stock_runner
 from flame_magic.backends import OWN_RUNNER, Backend, backend_for
 from flame_magic.cache import CacheClient, ObjectRef
 from flame_magic.client import FlameClient, new_session_id
 from flame_magic.config import Target, resolve_cache
 from flame_magic.errors import CacheError, FlameError, PayloadError, PythonMismatch, RequestError
-from flame_magic.live import CLUSTER_LIVE_PERIOD, EMBEDDED_LIVE_PERIOD
 from flame_magic.modules import Environment
 from flame_magic.protocol import cell, types
 from flame_magic.sessions import DEFAULT, Closing, SessionInfo, SessionKey, fits
@@ -109,7 +108,7 @@ class Connection:
         Flame a line shows within a tenth of a second; on a cluster every read is a network call."""
         if self.live_poll > 0:
             return self.live_poll
-        return EMBEDDED_LIVE_PERIOD if self.target.embedded else CLUSTER_LIVE_PERIOD
+        return wire.EMBEDDED_LIVE_POLL if self.target.embedded else wire.LIVE_POLL
 
     @property
     def endpoint(self) -> str:
@@ -203,7 +202,8 @@ class Connection:
         with self._lock:
             if session_id not in self._shippers:
                 application = self._applications.get(session_id, self.application)
-                self._shippers[session_id] = Shipper(self.cache(), f"{application}/{session_id}")
+                prefix = wire.session_prefix(application, session_id)
+                self._shippers[session_id] = Shipper(self.cache(), prefix)
             return self._shippers[session_id]
 
     def load(self, value: cell.Value) -> Any:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flame_magic import codec, debugger
-from flame_magic.errors import RemoteError
+from flame_magic.errors import DigestMismatch, RemoteError
 from flame_magic.protocol import cell
 from flame_magic.sessions import SessionKey
 
@@ -153,14 +153,13 @@ def load_result(
 
 def load_value(raw: cell.CellResult, load: Callable[[cell.Value], Any]) -> Any:
     """The cell's last value: unpickled, else as the runner showed it; None if there is none."""
-    has_value = raw.HasField("result_pickle") or raw.HasField("result_value")
-    if not raw.HasField("result") and not has_value:
+    if not raw.HasField("result") and not raw.HasField("value"):
         return None
-    if has_value:
+    if raw.HasField("value"):
         try:
-            if raw.HasField("result_value"):
-                return load(raw.result_value)
-            return codec.loads(raw.result_pickle)
+            return load(raw.value)
+        except DigestMismatch:
+            raise  # not the runner's rendering either: the cache may have been tampered with
         except Exception as exc:
             if not raw.HasField("result"):  # a map item: the runner made no rendering
                 text = f"<value that cannot be loaded here: {type(exc).__name__}: {exc}>"

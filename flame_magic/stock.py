@@ -9,13 +9,14 @@ object cache under ``<app>/<session>``, answering with its reference.
 flame-magic's execution object is its evaluator, sent as **source**: the pickle calls only
 ``builtins.eval`` on the text of :mod:`flame_magic_runner.bootstrap` together with the sources
 of the modules the evaluator needs (``flame_magic_runner.evaluate``, ``live``, ``fdcapture``,
-``stock`` and the notebook-side ``codec``, ``cache``, ``transfer`` and the generated ``cell``
-messages), which it imports under a private package name. Nothing in it is a code object, so
-a runner of any Python version loads it; its first task, a probe, says which version it runs
-and what it has installed. A runner whose Python differs from the notebook's cannot load the
-notebook's functions and classes (cloudpickled code is minor-version specific): flame-magic
-then registers once a copy of the application with ``FLAME_PYTHON_VERSION`` set to the
-notebook's, as flamepy's ``Runner`` does, and refuses with one line if that does not help.
+``stock`` and the notebook-side ``wire``, ``objects``, ``codec``, ``cache``, ``transfer`` and
+the generated ``cell`` messages), which it imports under a private package name. Nothing
+in it is a code object, so a runner of any Python version loads it; its first task, a probe,
+says which version it runs and what it has installed. A runner whose Python differs from the
+notebook's cannot load the notebook's functions and classes (cloudpickled code is
+minor-version specific): flame-magic then registers once a copy of the application with
+``FLAME_PYTHON_VERSION`` set to the notebook's, as flamepy's ``Runner`` does, and refuses
+with one line if that does not help.
 
 Each cell is a task ``RunnerRequest("run", (framed CellRequest,))``; the evaluator returns the
 framed ``CellResult`` as bytes, which flamepy pickles into the cache; the notebook reads it
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from flame_magic import codec
 from flame_magic.cache import ObjectRef
 from flame_magic.errors import CacheError, FlameError, PythonMismatch
-from flame_magic.protocol import MAX_MESSAGE_BYTES, types
+from flame_magic.protocol import types
 
 if TYPE_CHECKING:
     from flame_magic.cache import CacheClient
@@ -61,8 +62,22 @@ _MISSING_NOTES = {
     "matplotlib_inline": "matplotlib figures do not show inline",
 }
 
-_RUNNER_MODULES = ("evaluate", "live", "fdcapture", "stock", "environment", "modules", "debug")
-_NOTEBOOK_MODULES = ("codec", "cache", "transfer", "capture", "errors", "modules", "locator")
+_RUNNER_MODULES = (
+    "evaluate",
+    "values",
+    "limits",
+    "recording",
+    "exceptions",
+    "timeout",
+    "text",
+    "live",
+    "fdcapture",
+    "stock",
+    "environment",
+    "modules",
+    "debug",
+)
+_NOTEBOOK_MODULES = ("wire", "objects", "codec", "cache", "transfer", "capture", "errors", "modules", "locator")
 
 
 @dataclass(frozen=True)
@@ -97,9 +112,7 @@ def bundle() -> Bundle:
     modules = {name: imports.sub(rf"\1\2 {root}.\3", text) for name, text in texts.items()}
     modules["flame_magic._proto.cell_pb2"] = _portable_messages(modules["flame_magic._proto.cell_pb2"], root)
     # The runner halves of two notebook modules that also hold gRPC stubs and clients.
-    modules["flame_magic.protocol"] = (
-        f"from {root}.flame_magic._proto import cell_pb2 as cell\nMAX_MESSAGE_BYTES = {MAX_MESSAGE_BYTES}\n"
-    )
+    modules["flame_magic.protocol"] = f"from {root}.flame_magic._proto import cell_pb2 as cell\n"
     modules["flame_magic.client"] = "class FlameError(Exception):\n    pass\n"
     packages = ["", "flame_magic", "flame_magic._proto", "flame_magic_runner"]
     for package in packages:

@@ -11,8 +11,17 @@ socket.
 Each blob is named by a hash of its content, and a :class:`Shipper` (one per session and
 side) remembers what it has stored, and what it has received: a value unchanged since it
 last travelled is not uploaded again. The notebook names its objects
-``<app>/<session>/in-<digest>``, the runner ``.../out-<digest>``, so that neither replaces
-the other's objects; the notebook deletes ``<app>/<session>`` when it closes the session.
+``<app>/<session>/in-<digest>``, the runner ``.../out-<digest>`` (:func:`flame_magic.wire.value_key`),
+so that neither replaces the other's objects; the notebook deletes ``<app>/<session>`` when
+it closes the session.
+
+Flame's object cache has no authentication: whoever reaches it can replace an object
+between its upload and its fetch. So the message carries each blob's SHA-256 digest, and
+the reader loads nothing whose fetched bytes hash otherwise (:class:`DigestMismatch`
+names the value). The message itself is the task's input or output, which Flame carries.
+A pickle is copied out of the cache before it is checked, so that it cannot change between
+the check and the unpickling; out-of-band buffers (an array's memory, never code) are
+checked where they are mapped.
 """
 
 from __future__ import annotations
@@ -20,21 +29,23 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flame_magic import codec
+from flame_magic.errors import CacheError, DigestMismatch
+from flame_magic.objects import ObjectRef
 from flame_magic.protocol import cell
+from flame_magic.wire import INLINE_LIMIT, NOTEBOOK_SIDE, RUNNER_SIDE, value_key
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from flame_magic.cache import CacheClient
 
-# A value larger than this (pickle and buffers) travels through the cache, when there is one.
-INLINE_LIMIT = 256 * 1024
+__all__ = ["INLINE_LIMIT", "NOTEBOOK_SIDE", "RUNNER_SIDE", "DigestMismatch", "Shipper", "digest", "verify"]
 # Out-of-band buffers smaller than this stay inside the pickle: one cache object each
 # would cost more than the copy.
 MIN_BUFFER = 64 * 1024
@@ -51,9 +62,6 @@ CACHE_HINT = (
     "configure Flame's object cache so that large values travel through it: set FLAME_CACHE_ENDPOINT="
     "grpc://HOST:9090, or `cache: {endpoint: grpc://HOST:9090}` in the context in ~/.flame/flame.yaml"
 )
-
-NOTEBOOK_SIDE = "in"
-RUNNER_SIDE = "out"
 
 # Below this, writing a file while hashing saves less than starting the write costs.
 STAGE_MIN = 4 * 1024 * 1024
@@ -88,43 +96,73 @@ def _address(data: memoryview) -> int:
 
 
 def digest(data: memoryview) -> str:
-    """A content hash of ``data``: SHA-256 over SHA-256s of its chunks, hashed in parallel.
+    """A content hash of ``data``: SHA-256 over the size and the SHA-256s of its chunks.
 
-    hashlib releases the GIL on large inputs, so the chunks hash on several cores.
+    The chunks hash in parallel: hashlib releases the GIL on large inputs, so several
+    cores share the work. 64 hexadecimal digits.
     """
     data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
-    size = data.nbytes
-    if size <= HASH_CHUNK:
-        chunk_digests = [hashlib.sha256(data).digest()]
-    else:
-        chunks = [data[start : start + HASH_CHUNK] for start in range(0, size, HASH_CHUNK)]
-        chunk_digests = _hash_chunks(chunks)
+    return digest_of(data.nbytes, lambda start, end: data[start:end])
+
+
+def digest_of(size: int, read: Callable[[int, int], Any]) -> str:
+    """:func:`digest` of ``size`` bytes that ``read(start, end)`` gives a chunk at a time."""
+
+    def chunk_digest(start: int) -> bytes:
+        return hashlib.sha256(read(start, min(size, start + HASH_CHUNK))).digest()
+
+    starts = list(range(0, max(size, 1), HASH_CHUNK))
+    chunk_digests = [chunk_digest(0)] if size <= HASH_CHUNK else _shared(chunk_digest, starts)
     top = hashlib.sha256(size.to_bytes(8, "little"))
-    for chunk_digest in chunk_digests:
-        top.update(chunk_digest)
-    return top.hexdigest()[:40]
+    for each in chunk_digests:
+        top.update(each)
+    return top.hexdigest()
 
 
-def _hash_chunks(chunks: list[memoryview]) -> list[bytes]:
-    """The SHA-256 of each chunk, on this thread and the pool's, taking chunks as each is free.
+def verify(data: memoryview, blob: cell.Blob, what: str) -> None:
+    """Refuse fetched bytes whose digest is not the one the message carries.
+
+    Raises
+    ------
+    DigestMismatch
+        Naming ``what`` (the value, the module) and the object.
+    """
+    data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+    verify_read(data.nbytes, lambda start, end: data[start:end], blob, what)
+
+
+def verify_read(size: int, read: Callable[[int, int], Any], blob: cell.Blob, what: str) -> None:
+    """:func:`verify` of bytes that ``read(start, end)`` gives a chunk at a time."""
+    if size != blob.size or digest_of(size, read) != blob.digest:
+        keys = ", ".join(ObjectRef.decode(ref).key for ref in blob.refs)
+        raise DigestMismatch(
+            f"Not loaded: Flame's object cache holds other bytes for {what} than were sent "
+            f"(SHA-256 mismatch at {keys}), so nothing of it was unpickled. Someone who can reach "
+            "the cache may have replaced it (it has no authentication: use it only on a network you "
+            "trust); run the cell again."
+        )
+
+
+def _shared(work: Callable[[int], bytes], starts: list[int]) -> list[bytes]:
+    """``work(start)`` for each start, on this thread and the pool's, each taking the next free one.
 
     This thread works too, rather than wait for the pool: on a busy machine a pool thread may
     wait long to be scheduled, and then the others, this one included, take its share.
     """
-    digests = [b""] * len(chunks)
-    order = iter(range(len(chunks)))
+    digests = [b""] * len(starts)
+    order = iter(range(len(starts)))
     lock = threading.Lock()
 
-    def work() -> None:
+    def take() -> None:
         while True:
             with lock:
                 index = next(order, None)
             if index is None:
                 return
-            digests[index] = hashlib.sha256(chunks[index]).digest()
+            digests[index] = work(starts[index])
 
-    helpers = [_threads().submit(work) for _ in range(min(_HASH_THREADS, len(chunks)) - 1)]
-    work()
+    helpers = [_threads().submit(take) for _ in range(min(_HASH_THREADS, len(starts)) - 1)]
+    take()
     for helper in helpers:
         helper.result()
     return digests
@@ -218,8 +256,6 @@ class Shipper:
                 del self._stored[content]
         if self.cache is None:
             return
-        from flame_magic.cache import CacheError, ObjectRef
-
         for blob in blobs:
             for ref in blob.refs:
                 try:
@@ -308,10 +344,8 @@ class Shipper:
         if known is not None and self._still_there(known):
             self._drop(staging)
             return known
-        from flame_magic.cache import ObjectRef
-
         if staging is not None:
-            staged = self.cache.commit(staging.result(), f"{self.key_prefix}/{self.side}-{content}")
+            staged = self.cache.commit(staging.result(), value_key(self.key_prefix, self.side, content))
             blob = cell.Blob(size=size, digest=content, refs=[staged.encode()])
             with self._lock:
                 self._known[content] = blob
@@ -322,7 +356,7 @@ class Shipper:
         parts = [(start, min(size, start + PART_BYTES)) for start in range(0, max(size, 1), PART_BYTES)]
         blob = cell.Blob(size=size, digest=content)
         for index, (start, end) in enumerate(parts):
-            key = f"{self.key_prefix}/{self.side}-{content}" + (f"-{index}" if len(parts) > 1 else "")
+            key = value_key(self.key_prefix, self.side, content, index if len(parts) > 1 else None)
             ref: ObjectRef = self.cache.put(key, data[start:end])
             blob.refs.append(ref.encode())
         with self._lock:
@@ -342,8 +376,6 @@ class Shipper:
             pass  # it failed to write: nothing to remove
 
     def _still_there(self, blob: cell.Blob) -> bool:
-        from flame_magic.cache import ObjectRef
-
         assert self.cache is not None
         return all(self.cache.exists(ObjectRef.decode(ref)) for ref in blob.refs)
 
@@ -356,11 +388,18 @@ class Shipper:
         ------
         flame_magic.cache.CacheError
             If its data cannot be fetched from the cache.
+        DigestMismatch
+            If the cache gave other bytes than were sent (nothing is unpickled).
         """
         if not value.buffers and not value.HasField("cached_pickle"):
             return codec.loads(value.pickle)
-        buffers = [self._fetch(blob) for blob in value.buffers]
-        data = self._fetch(value.cached_pickle) if value.HasField("cached_pickle") else value.pickle
+        what = f"the value {value.name!r}" if value.name else "the cell's last value"
+        buffers = [self._fetch(blob, what) for blob in value.buffers]
+        data: bytes | memoryview = value.pickle
+        if value.HasField("cached_pickle"):
+            # A private copy: a file of the cache's storage could change after the check.
+            data = bytes(self._fetch(value.cached_pickle, what, check=False))
+            self.verify(memoryview(data), value.cached_pickle, what)
         loaded = codec.loads_oob(data, buffers)
         with self._lock:  # what came in need not be stored again to go back out
             for blob in [*value.buffers, *([value.cached_pickle] if value.HasField("cached_pickle") else [])]:
@@ -369,9 +408,12 @@ class Shipper:
                     self._stored[blob.digest] = self._request
         return loaded
 
-    def _fetch(self, blob: cell.Blob) -> memoryview:
-        from flame_magic.cache import CacheError, ObjectRef
+    def _fetch(self, blob: cell.Blob, what: str, check: bool = True) -> memoryview:
+        """A blob's bytes from the cache, checked against its digest unless ``check`` is false.
 
+        An object mapped from the cache's storage is checked through reads of its file, not
+        through the map: pages of a value the cell never touches stay unmapped.
+        """
         if self.cache is None:
             raise CacheError(
                 "A value came by reference through Flame's object cache, but no cache is configured "
@@ -379,11 +421,40 @@ class Shipper:
             )
         refs = [ObjectRef.decode(ref) for ref in blob.refs]
         if len(refs) == 1:
-            data = self.cache.read(refs[0])
-            if data.nbytes != blob.size:
-                raise CacheError(f"Object {refs[0].key} holds {data.nbytes} bytes, not the {blob.size} sent.")
-            return data
-        from flame_magic.cache import allocate, copy_into
+
+            def checked(size: int, read: Callable[[int, int], Any]) -> None:
+                self._verified(lambda: verify_read(size, read, blob, what), blob)
+
+            return self.cache.read(refs[0], check=checked if check else None)
+        whole = self._fetch_parts(blob, refs)
+        if check:
+            self.verify(whole, blob, what)
+        return whole
+
+    def verify(self, data: memoryview, blob: cell.Blob, what: str) -> None:
+        """:func:`verify`, and on a mismatch delete the replaced object, so that it is sent anew."""
+        self._verified(lambda: verify(data, blob, what), blob)
+
+    def _verified(self, check: Callable[[], None], blob: cell.Blob) -> None:
+        try:
+            check()
+        except DigestMismatch:
+            with self._lock:
+                self._known.pop(blob.digest, None)
+                self._stored.pop(blob.digest, None)
+            for ref in blob.refs:
+                try:
+                    if self.cache is not None:
+                        self.cache.delete(ObjectRef.decode(ref).key)
+                except CacheError:
+                    pass  # the next cell uploads it again anyway: the sender checks that it is there
+            raise
+
+    def _fetch_parts(self, blob: cell.Blob, refs: list[ObjectRef]) -> memoryview:
+        """A blob too large for one object, its parts joined in fresh memory."""
+        from flame_magic.cache import allocate, copy_into  # pyarrow, on first use
+
+        assert self.cache is not None
 
         whole = allocate(blob.size)
         offset = 0
@@ -411,7 +482,7 @@ class Shipper:
 
 def blobs(values: Iterable[cell.Value]) -> list[cell.Blob]:
     """Every blob the values refer to."""
-    found = []
+    found: list[cell.Blob] = []
     for value in values:
         found.extend(value.buffers)
         if value.HasField("cached_pickle"):

@@ -20,11 +20,12 @@ import importlib.util
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable
 
 from flame_magic.cache import CacheError, ObjectRef
 from flame_magic.modules import canonical, problems
 from flame_magic.protocol import cell
-from flame_magic.transfer import Shipper
+from flame_magic.transfer import DigestMismatch, Shipper
 
 from .modules import Source, installed_importer
 
@@ -59,14 +60,18 @@ class Environment:
             return False
         return True
 
-    def _receive(self, modules: list[cell.Module], shipper: Shipper) -> str:
+    def _receive(self, modules: Iterable[cell.Module], shipper: Shipper) -> str:
         sources = []
         for module in modules:
             if self.importer.has(module.name, module.digest):
                 continue
             if module.HasField("blob"):
                 try:
+                    # Code: a private copy, checked against the digest the request carries.
                     data = bytes(_fetch(shipper, module.blob))
+                    shipper.verify(memoryview(data), module.blob, f"the module {module.name!r}")
+                except DigestMismatch as exc:
+                    return f"Not run: {exc}"
                 except CacheError as exc:
                     return (
                         f"Not run: the source of module {module.name} could not be read from Flame's "

@@ -72,11 +72,6 @@ class FdCapture:
             self._check.register(read_end, select.POLLIN)
         threading.Thread(target=self._read_forever, name="fd-capture", daemon=True).start()
 
-    @property
-    def active(self) -> bool:
-        """Whether fds 1 and 2 are on the pipes (a cell is running)."""
-        return self._active
-
     def start(self, target: Target) -> None:
         """Send what is written to fds 1 and 2 to ``target`` until :meth:`stop`."""
         if self._active:

@@ -1,11 +1,11 @@
 """Live output and interrupt of a running cell, through Flame's object cache.
 
 Flame returns a task's output only when the task ends. While a cell runs, a flusher
-thread appends what the cell showed since its last flush (every 20 ms) to ``<prefix>/<channel>-out``
+thread appends what the cell showed since its last flush (every :data:`~flame_magic.wire.LIVE_FLUSH` s) to the channel's output object
 (each patch a ``CellResult`` holding only ``outputs``: patches concatenated still parse
-as one message), and checks ``<prefix>/<channel>-ctl``, which the notebook puts when the
-user interrupts the cell. The flusher then sends SIGUSR2 to the main thread, whose
-handler raises ``KeyboardInterrupt`` in the cell (a signal, unlike
+as one message), and checks its control object, where the notebook puts an ``Interrupt``
+when the user interrupts the cell (both keys: :mod:`flame_magic.wire`). The flusher then
+sends SIGUSR2 to the main thread, whose handler raises ``KeyboardInterrupt`` in the cell (a signal, unlike
 ``_thread.interrupt_main``, also ends a blocking call such as ``time.sleep``). A cell on
 another thread (flamepy's runner calls cells on a gRPC worker thread) gets it as an
 asynchronous exception instead, at its next Python instruction. If the cell is still
@@ -15,7 +15,6 @@ the task and starts a fresh runner.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -23,15 +22,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from flame_magic import codec, wire
 from flame_magic.cache import CacheClient, CacheError, ObjectNotFound
 from flame_magic.protocol import cell
 
-# Seconds between two flushes: a line shows in the notebook within this and its poll period.
-FLUSH_EVERY = 0.02
-# Seconds between two checks for an interrupt (each is a cache call; a flush with nothing new is not).
-CONTROL_EVERY = 0.25
 INTERRUPT_SIGNAL = signal.SIGUSR2
-DEFAULT_GRACE = 5.0
 
 _armed: Live | None = None
 _handler_installed = False
@@ -133,8 +128,8 @@ class Live:
         self, cache: CacheClient, prefix: str, channel: str, take: Callable[[], list[cell.Output]]
     ) -> None:
         self.cache = cache
-        self.out_key = f"{prefix}/{channel}-out"
-        self.ctl_key = f"{prefix}/{channel}-ctl"
+        self.out_key = wire.live_output_key(prefix, channel)
+        self.ctl_key = wire.live_control_key(prefix, channel)
         self._take = take
         self._stop = threading.Event()
         self._lock = threading.Lock()  # one flush at a time
@@ -196,17 +191,17 @@ class Live:
 
     def _loop(self) -> None:
         interrupted_at: float | None = None
-        grace = DEFAULT_GRACE
-        control_at = time.monotonic() + CONTROL_EVERY
-        while not self._stop.wait(FLUSH_EVERY):
+        grace = wire.INTERRUPT_GRACE
+        control_at = time.monotonic() + wire.LIVE_CONTROL
+        while not self._stop.wait(wire.LIVE_FLUSH):
             self.flush()
             if interrupted_at is None:
                 if time.monotonic() < control_at:
                     continue
-                control_at = time.monotonic() + CONTROL_EVERY
+                control_at = time.monotonic() + wire.LIVE_CONTROL
                 request = self._control()
                 if request is not None:
-                    grace = float(request.get("grace", DEFAULT_GRACE))
+                    grace = request.grace
                     interrupted_at = time.monotonic()
                     self._interrupt()
             elif time.monotonic() - interrupted_at > grace and not self._stop.is_set():
@@ -228,17 +223,16 @@ class Live:
             self.interrupting = self._raised = True
             raise_in_thread(self._thread, KeyboardInterrupt)
 
-    def _control(self) -> dict[str, Any] | None:
+    def _control(self) -> cell.Interrupt | None:
+        """The notebook's interrupt, if it put one (anything else there is not ours: ignored)."""
         try:
             fetched = self.cache.get(self.ctl_key)
-        except ObjectNotFound:
-            return None
-        except CacheError:
+        except (ObjectNotFound, CacheError):
             return None
         if fetched is None or fetched.base is None:
             return None
         try:
-            data = json.loads(bytes(fetched.base).decode("utf-8") or "{}")
-        except ValueError:
-            data = {}
-        return data if isinstance(data, dict) else {}
+            # It holds no pickle: the runner's cloudpickle may differ (Flame's stock flmrun).
+            return codec.decode(cell.Interrupt, bytes(fetched.base), "the notebook", same_cloudpickle=False)
+        except codec.PayloadError:
+            return None

@@ -120,6 +120,14 @@ class CellRequest(_message.Message):
     debug_fetch: str
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., source: _Optional[str] = ..., filename: _Optional[str] = ..., first_line: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., assign: _Optional[_Iterable[str]] = ..., timeout: _Optional[float] = ..., cache: _Optional[_Union[CacheAccess, _Mapping]] = ..., values_only: _Optional[bool] = ..., channel: _Optional[str] = ..., modules: _Optional[_Iterable[_Union[Module, _Mapping]]] = ..., requires: _Optional[_Iterable[_Union[Requirement, _Mapping]]] = ..., pip: _Optional[_Iterable[str]] = ..., send_frames: _Optional[bool] = ..., debug_fetch: _Optional[str] = ...) -> None: ...
 
+class Interrupt(_message.Message):
+    __slots__ = ("header", "grace")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    GRACE_FIELD_NUMBER: _ClassVar[int]
+    header: Header
+    grace: float
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., grace: _Optional[float] = ...) -> None: ...
+
 class MimeBundle(_message.Message):
     __slots__ = ("data_json", "metadata_json")
     DATA_JSON_FIELD_NUMBER: _ClassVar[int]
@@ -225,15 +233,14 @@ class NotReturned(_message.Message):
     def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CellResult(_message.Message):
-    __slots__ = ("header", "outputs", "result", "result_pickle", "assigned", "not_returned", "error", "result_value", "refused", "packages", "streamed", "debug")
+    __slots__ = ("header", "outputs", "result", "value", "assigned", "not_returned", "error", "refused", "packages", "streamed", "debug")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
-    RESULT_PICKLE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
     ASSIGNED_FIELD_NUMBER: _ClassVar[int]
     NOT_RETURNED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
-    RESULT_VALUE_FIELD_NUMBER: _ClassVar[int]
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     PACKAGES_FIELD_NUMBER: _ClassVar[int]
     STREAMED_FIELD_NUMBER: _ClassVar[int]
@@ -241,13 +248,12 @@ class CellResult(_message.Message):
     header: Header
     outputs: _containers.RepeatedCompositeFieldContainer[Output]
     result: MimeBundle
-    result_pickle: bytes
+    value: Value
     assigned: _containers.RepeatedCompositeFieldContainer[Value]
     not_returned: _containers.RepeatedCompositeFieldContainer[NotReturned]
     error: RemoteException
-    result_value: Value
     refused: str
     packages: _containers.RepeatedCompositeFieldContainer[Package]
     streamed: bool
     debug: DebugFrames
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Output, _Mapping]]] = ..., result: _Optional[_Union[MimeBundle, _Mapping]] = ..., result_pickle: _Optional[bytes] = ..., assigned: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., not_returned: _Optional[_Iterable[_Union[NotReturned, _Mapping]]] = ..., error: _Optional[_Union[RemoteException, _Mapping]] = ..., result_value: _Optional[_Union[Value, _Mapping]] = ..., refused: _Optional[str] = ..., packages: _Optional[_Iterable[_Union[Package, _Mapping]]] = ..., streamed: _Optional[bool] = ..., debug: _Optional[_Union[DebugFrames, _Mapping]] = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Output, _Mapping]]] = ..., result: _Optional[_Union[MimeBundle, _Mapping]] = ..., value: _Optional[_Union[Value, _Mapping]] = ..., assigned: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., not_returned: _Optional[_Iterable[_Union[NotReturned, _Mapping]]] = ..., error: _Optional[_Union[RemoteException, _Mapping]] = ..., refused: _Optional[str] = ..., packages: _Optional[_Iterable[_Union[Package, _Mapping]]] = ..., streamed: _Optional[bool] = ..., debug: _Optional[_Union[DebugFrames, _Mapping]] = ...) -> None: ...

@@ -1,6 +1,7 @@
 """The embedded Flame's object cache: Flame's cache contract on Arrow Flight, objects in files.
 
-It answers every call of Flame's contract (see :mod:`flame_magic.cache`): put, patch,
+It answers every call of Flame's contract (see :mod:`flame_magic.cache`; keys, references
+and object files are :mod:`flame_magic.objects`): put, patch,
 incremental get, delete of a key, a session or an application, ``GetFlightInfo`` and
 ``ListFlights``, with Flame's versions (1 for a new key, one more for each put or patch).
 It keeps each object as Flame's disk storage does, an Arrow IPC file
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import struct
 import threading
@@ -41,32 +41,33 @@ import pyarrow as pa
 import pyarrow.flight as flight
 import pyarrow.ipc as ipc
 
-from flame_magic.cache import MAX_OBJECT_BYTES, CacheError, ObjectRef, check_key, uint64s, utf8s
+from flame_magic import objects
+from flame_magic.objects import (
+    MAX_OBJECT_BYTES,
+    CacheError,
+    ObjectRef,
+    check_key,
+    delta_files,
+    deltas_dir,
+    file_data,
+    is_native,
+    rows_data,
+    stamped,
+    uint64s,
+    utf8s,
+    write_file,
+)
 
 log = logging.getLogger(__name__)
 
 CACHE_SOCKET = "cache.sock"
 STORAGE_DIR = "cache"
 
-_PUT_SCHEMA = pa.schema([("version", pa.uint64()), ("data", pa.binary())])
-_RESPONSE_SCHEMA = pa.schema([("version", pa.uint64()), ("kind", pa.utf8()), ("data", pa.binary())])
-# flamepy's schema metadata for an object that is a native Arrow table.
-FORMAT_KEY = b"flame.cache.format"
-VERSION_KEY = b"flame.cache.version"
-ARROW_TABLE_FORMAT = b"arrow-table-v1"
-
-
-def is_native(schema: pa.Schema) -> bool:
-    """Whether ``schema`` is that of a native Arrow table object (not version/data rows)."""
-    return (schema.metadata or {}).get(FORMAT_KEY) == ARROW_TABLE_FORMAT
-
-
-def _stamped(schema: pa.Schema, version: int) -> pa.Schema:
-    return schema.with_metadata({**(schema.metadata or {}), VERSION_KEY: str(version).encode()})
+_RESPONSE_SCHEMA = objects.response_schema()
 
 
 def _with_version(table: pa.Table, version: int) -> pa.Table:
-    return table.replace_schema_metadata(_stamped(table.schema, version).metadata)
+    return table.replace_schema_metadata(stamped(table.schema, version).metadata)
 
 
 @dataclass
@@ -113,8 +114,7 @@ class CacheServer(flight.FlightServerBase):  # type: ignore[misc]
     # -- files ---------------------------------------------------------------------------
 
     def _path(self, key: str) -> Path:
-        app, session, object_id = check_key(key)
-        return self.storage / app / session / f"{object_id}.arrow"
+        return objects.object_file(self.storage, key)
 
     def _key_lock(self, key: str) -> threading.Lock:
         with self._lock:
@@ -138,7 +138,7 @@ class CacheServer(flight.FlightServerBase):  # type: ignore[misc]
         written, size, native = _file_version_and_size(path)
         version = known.version + 1 if known is not None else max(written, 1)
         patches = []
-        for delta in _delta_files(path):
+        for delta in delta_files(path):
             patches.append(_file_version_and_size(delta)[0])
         adopted = _Object(
             version=max([version, *patches]), base_version=version, patches=patches, native=native
@@ -184,8 +184,8 @@ class CacheServer(flight.FlightServerBase):  # type: ignore[misc]
             known = self._lookup(key)
             version = known.version + 1 if known is not None else 1
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _write_file(path, data, version)
-            shutil.rmtree(path.with_suffix(".deltas"), ignore_errors=True)  # a put drops patches
+            write_file(path, data, version)
+            shutil.rmtree(deltas_dir(path), ignore_errors=True)  # a put drops patches
             stat = path.stat()
             with self._lock:
                 self._objects[key] = _Object(
@@ -205,9 +205,9 @@ class CacheServer(flight.FlightServerBase):  # type: ignore[misc]
             if known is None:
                 raise KeyError(f"object <{key}> not found, must put first")
             version = known.version + 1
-            deltas = path.with_suffix(".deltas")
+            deltas = deltas_dir(path)
             deltas.mkdir(mode=0o700, exist_ok=True)
-            _write_file(deltas / f"{len(known.patches)}.arrow", data, version)
+            write_file(deltas / f"{len(known.patches)}.arrow", data, version)
             with self._lock:
                 known.patches.append(version)
                 known.version = version
@@ -239,15 +239,15 @@ class CacheServer(flight.FlightServerBase):  # type: ignore[misc]
                 return flight.RecordBatchStream(_with_version(table, known.version))
             elif have != 0 and known.base_version <= have < known.version and self._bridges(known, have):
                 rows = [
-                    (version, "patch", _file_data(delta))
-                    for version, delta in zip(known.patches, _delta_files(path), strict=False)
+                    (version, "patch", file_data(delta))
+                    for version, delta in zip(known.patches, delta_files(path), strict=False)
                     if version > have
                 ]
             else:
-                rows = [(known.base_version, "base", _file_data(path))]
+                rows = [(known.base_version, "base", file_data(path))]
                 rows += [
-                    (version, "patch", _file_data(delta))
-                    for version, delta in zip(known.patches, _delta_files(path), strict=False)
+                    (version, "patch", file_data(delta))
+                    for version, delta in zip(known.patches, delta_files(path), strict=False)
                 ]
         batches = [_response_row(version, kind, data) for version, kind, data in rows]
         return flight.RecordBatchStream(pa.Table.from_batches(batches, schema=_RESPONSE_SCHEMA))
@@ -264,7 +264,7 @@ class CacheServer(flight.FlightServerBase):  # type: ignore[misc]
         schema = _RESPONSE_SCHEMA
         if known.native:
             with contextlib.suppress(pa.ArrowException, OSError):
-                schema = _stamped(_file_table(self._path(key)).schema, known.version)
+                schema = stamped(_file_table(self._path(key)).schema, known.version)
         return flight.FlightInfo(
             schema,
             flight.FlightDescriptor.for_path(key),
@@ -293,11 +293,7 @@ class CacheServer(flight.FlightServerBase):  # type: ignore[misc]
                     yield self._info(key, known)
 
     def _keys_in_storage(self) -> list[str]:
-        keys = []
-        for path in sorted(self.storage.glob("*/*/*.arrow")):
-            if not path.name.startswith(".") and path.is_file():
-                keys.append(f"{path.parent.parent.name}/{path.parent.name}/{path.stem}")
-        return keys
+        return objects.keys_in(self.storage)
 
     def list_actions(self, context: Any) -> list[tuple[str, str]]:
         return [("DELETE", "Delete objects by key prefix")]
@@ -316,7 +312,7 @@ class CacheServer(flight.FlightServerBase):  # type: ignore[misc]
             with self._key_lock(target):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
-                shutil.rmtree(path.with_suffix(".deltas"), ignore_errors=True)
+                shutil.rmtree(deltas_dir(path), ignore_errors=True)
                 with self._lock:
                     self._objects.pop(target, None)
         else:
@@ -333,15 +329,9 @@ class CacheServer(flight.FlightServerBase):  # type: ignore[misc]
 def _valid(key: str, parts: tuple[int, ...], wildcard: bool = False) -> list[str]:
     """Check a key from a request (it becomes a path: nothing may lead out of the storage)."""
     try:
-        pieces = check_key(key, parts)
+        return check_key(key, parts, wildcard=wildcard)
     except CacheError as exc:
         raise ValueError(str(exc)) from None
-    stars = [i for i, piece in enumerate(pieces) if "*" in piece]
-    if stars and not (wildcard and len(pieces) == 2 and stars == [1] and pieces[1] == "*"):
-        raise ValueError(f"Invalid object key {key!r}: '*' only stands for every session, as <app>/*.")
-    if any(piece.startswith(".") for piece in pieces):
-        raise ValueError(f"Invalid object key {key!r}: parts may not start with '.'.")
-    return pieces
 
 
 def _read_data(reader: Any) -> pa.Buffer:
@@ -357,7 +347,7 @@ def _read_data(reader: Any) -> pa.Buffer:
             continue
         if batch.num_columns < 2:
             raise ValueError("put rows need two columns: version (uint64) and data (binary)")
-        pieces.append(_rows_data(batch.column(1)))
+        pieces.append(rows_data(batch.column(1)))
     if not pieces:
         raise ValueError("No data received")
     total = sum(p.size for p in pieces)
@@ -373,42 +363,6 @@ def _read_data(reader: Any) -> pa.Buffer:
     return joined
 
 
-def _rows_data(column: pa.Array) -> pa.Buffer:
-    """The data of all rows of a binary column: one slice, as rows are stored end to end."""
-    if not pa.types.is_binary(column.type) and not pa.types.is_large_binary(column.type):
-        raise ValueError(f"the data column must be binary, not {column.type}")
-    if len(column) == 0:
-        return pa.py_buffer(b"")
-    _, offsets, data = column.buffers()
-    width = "q" if pa.types.is_large_binary(column.type) else "i"
-    (first,) = struct.unpack_from(f"<{width}", offsets, column.offset * struct.calcsize(width))
-    (last,) = struct.unpack_from(f"<{width}", offsets, (column.offset + len(column)) * struct.calcsize(width))
-    return data.slice(first, last - first) if data is not None else pa.py_buffer(b"")
-
-
-def _write_file(path: Path, data: pa.Buffer | pa.Table, version: int) -> None:
-    """Write one object file under a temporary name, then rename it.
-
-    Opaque data is one row holding ``data``; a native Arrow table is written as it is,
-    with the version in its schema.
-    """
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        if isinstance(data, pa.Table):
-            table = _with_version(data, version)
-            with pa.OSFile(str(temporary), "wb") as sink, ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table)
-        else:
-            rows = pa.Array.from_buffers(pa.binary(), 1, [None, _one_row(data.size), data])
-            batch = pa.RecordBatch.from_arrays([uint64s(version), rows], schema=_PUT_SCHEMA)
-            with pa.OSFile(str(temporary), "wb") as sink, ipc.new_file(sink, _PUT_SCHEMA) as writer:
-                writer.write_batch(batch)
-        os.replace(temporary, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-
-
 def _file_version_and_size(path: Path) -> tuple[int, int, bool]:
     """The version an object file records, its data size, and whether it is a native table."""
     try:
@@ -416,34 +370,19 @@ def _file_version_and_size(path: Path) -> tuple[int, int, bool]:
             reader = ipc.open_file(source)
             if is_native(reader.schema):
                 table = reader.read_all()
-                written = (reader.schema.metadata or {}).get(VERSION_KEY, b"0")
+                written = (reader.schema.metadata or {}).get(objects.VERSION_KEY, b"0")
                 return (int(written) if written.isdigit() else 0), table.nbytes, True
             batch = reader.get_batch(0)
             version = int(batch.column(0)[0].as_py() or 0) if batch.num_rows else 0
-            size = _rows_data(batch.column(batch.num_columns - 1)).size
+            size = rows_data(batch.column(batch.num_columns - 1)).size
     except (pa.ArrowException, IndexError, ValueError) as exc:
         raise ValueError(f"{path.name} is not an object file: {exc}") from None
     return version, size, False
 
 
-def _file_data(path: Path) -> pa.Buffer:
-    """An object file's data, mapped (no copy): the map lives as long as the buffer."""
-    source = pa.memory_map(str(path))
-    batch = ipc.open_file(source).get_batch(0)
-    return _rows_data(batch.column(batch.num_columns - 1))
-
-
 def _file_table(path: Path) -> pa.Table:
     """A native table object's file, mapped (no copy)."""
     return ipc.open_file(pa.memory_map(str(path))).read_all()
-
-
-def _delta_files(path: Path) -> list[Path]:
-    deltas = path.with_suffix(".deltas")
-    if not deltas.is_dir():
-        return []
-    files = [p for p in deltas.glob("*.arrow") if p.stem.isdigit()]
-    return sorted(files, key=lambda p: int(p.stem))
 
 
 def _one_row(size: int) -> pa.Buffer:

@@ -204,7 +204,7 @@ class Instance:
         self._proc: asyncio.subprocess.Process | None = None
         self._exit_watch: asyncio.Task[int] | None = None
         self._channel: grpc.aio.Channel | None = None
-        self._stub: protocol.InstanceStub | None = None
+        self._stub: protocol.InstanceAsyncStub | None = None
         self._call: grpc.aio.UnaryUnaryCall | None = None
         self._released = False
         self._late_kill: asyncio.Task[None] | None = None
@@ -470,12 +470,6 @@ class Instance:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
         _LIVE_GROUPS.discard(pgid)
-
-    def kill_now(self) -> None:
-        """SIGKILL the process group at once (last resort; no reaping)."""
-        if self._proc is not None and self._proc.pid in _LIVE_GROUPS:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._proc.pid, signal.SIGKILL)
 
     def to_proto(self, node: str, resreq: protocol.types.ResourceRequirement) -> protocol.types.Executor:
         """This instance as a Flame ``Executor`` message."""

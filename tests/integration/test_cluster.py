@@ -311,7 +311,9 @@ def test_stock_flmrun_runs_cells_with_a_cache_and_deploy_switches_to_our_runner(
     with EmbeddedFlame.start(working_directory=str(tmp_path), listen="http://127.0.0.1:0") as flame:
         # A Flame as it comes: its flmrun is flamepy's runner, and flame-magic's is not there.
         admin = FlameClient(flame.endpoint)
-        admin.unregister_application("flame-magic")
+        with grpc.insecure_channel(flame.endpoint.removeprefix("http://")) as channel:
+            unregister = protocol.frontend.UnregisterApplicationRequest(name="flame-magic")
+            assert protocol.FrontendStub(channel).UnregisterApplication(unregister).return_code == 0
 
         connected = run(f"%flame connect {flame.endpoint}")
         assert "flmrun (Flame's flmrun: flamepy's runner)" in connected.stdout, connected.stdout

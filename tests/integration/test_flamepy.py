@@ -254,7 +254,7 @@ def test_a_flamepy_client_and_our_runner(flame: EmbeddedFlame, tmp_path: Path) -
     result = run_flamepy(flame, tmp_path, FLAMEPY_AND_OUR_RUNNER, str(path))
 
     good = codec.decode(cell.CellResult, base64.b64decode(result["output"]), "the runner")
-    assert codec.loads(good.result_pickle) == 42
+    assert codec.loads(good.value.pickle) == 42
     assert [o.stream.text for o in good.outputs] == ["from our runner\n"]
 
     # Our runner fails the task with the exception as message (read through GetTask, as

@@ -9,7 +9,8 @@ import pytest
 from flame_magic.cache import CacheClient, ObjectNotFound
 from flame_magic.embedded import cache_server
 from flame_magic.protocol import cell
-from flame_magic.live import RUNNER_FIRST_FLUSH, LiveChannel
+from flame_magic.live import LiveChannel
+from flame_magic.wire import LIVE_FLUSH
 
 PREFIX = "app/session"
 
@@ -35,7 +36,7 @@ def test_a_cell_that_ended_before_the_first_read_still_shows_what_it_streamed(ca
     shown: list[str] = []
     live = LiveChannel(cache, PREFIX, "c1", lambda output: shown.append(output.stream.text))
     streamed(cache, "c1", "printed before the first read\n")
-    live._since -= RUNNER_FIRST_FLUSH  # the cell ran past the runner's first flush
+    live._since -= LIVE_FLUSH  # the cell ran past the runner's first flush
     live.finish()
     assert shown == ["printed before the first read\n"]
     with pytest.raises(ObjectNotFound):

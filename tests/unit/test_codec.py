@@ -40,7 +40,7 @@ def test_closures_and_lambdas_travel_by_value():
 def test_mismatched_writer_is_refused_with_what_to_do(field, value, expected):
     header = codec.local_header()
     setattr(header, field, value)
-    payload = codec.encode(cell.CellResult(header=header, result_pickle=b"never unpickled"))
+    payload = codec.encode(cell.CellResult(header=header, value=cell.Value(pickle=b"never unpickled")))
     with pytest.raises(codec.PayloadError) as info:
         codec.decode(cell.CellResult, payload, "the runner")
     assert expected in str(info.value)

@@ -20,7 +20,8 @@ from flame_magic.errors import RemoteError
 from flame_magic.protocol import cell
 from flame_magic.sessions import SessionKey
 from flame_magic_runner import debug
-from flame_magic_runner.evaluate import Evaluator, fit_to_limit
+from flame_magic_runner.evaluate import Evaluator
+from flame_magic_runner.limits import fit_to_limit
 
 FILENAME = "<flmrun-cell-9>"
 CELL = """import threading

@@ -14,6 +14,7 @@ import pytest
 
 from flame_magic import codec
 from flame_magic.protocol import MAX_MESSAGE_BYTES, cell
+from flame_magic.wire import PAYLOAD_LIMIT
 from flame_magic_runner.evaluate import Evaluator
 
 MiB = 1024 * 1024
@@ -75,7 +76,7 @@ def test_last_expression_is_the_result(evaluator: Evaluator) -> None:
 
     assert not result.HasField("error")
     assert plain(result) == "42"
-    assert codec.loads(result.result_pickle) == 42
+    assert codec.loads(result.value.pickle) == 42
     assert shown(result) == []
 
 
@@ -260,7 +261,7 @@ def test_large_assigned_value_is_dropped_and_small_ones_return(evaluator: Evalua
     assert assigned(result) == {"small": "kept"}
     reason = not_returned(result)["big"]
     assert reason.startswith("12.0 MiB is over Flame's 4 MiB task limit")
-    assert len(codec.encode(result)) < MAX_MESSAGE_BYTES - 64 * 1024
+    assert len(codec.encode(result)) < PAYLOAD_LIMIT
 
 
 def test_values_that_only_fit_one_by_one_drop_the_largest_first(evaluator: Evaluator) -> None:
@@ -270,13 +271,13 @@ def test_values_that_only_fit_one_by_one_drop_the_largest_first(evaluator: Evalu
 
     assert sorted(assigned(result)) == ["b", "c"]
     assert "did not fit in Flame's 4 MiB task limit" in not_returned(result)["a"]
-    assert len(codec.encode(result)) < MAX_MESSAGE_BYTES - 64 * 1024
+    assert len(codec.encode(result)) < PAYLOAD_LIMIT
 
 
 def test_large_result_is_shown_but_not_pickled(evaluator: Evaluator) -> None:
     result = run(evaluator, "b'y' * (5 * 1024 * 1024)")
 
-    assert not result.HasField("result_pickle")
+    assert not result.HasField("value")
     assert len(codec.encode(result)) < MAX_MESSAGE_BYTES
 
 
@@ -288,7 +289,7 @@ def test_long_output_keeps_its_start_and_says_what_was_cut(evaluator: Evaluator)
     assert text.startswith("start\nxxxx")
     assert text.endswith(" bytes more]\n")
     assert "[output truncated: " in text
-    assert len(codec.encode(result)) < MAX_MESSAGE_BYTES - 64 * 1024
+    assert len(codec.encode(result)) < PAYLOAD_LIMIT
 
 
 @pytest.mark.parametrize(

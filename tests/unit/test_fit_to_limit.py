@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from flame_magic.protocol import cell
-from flame_magic_runner.evaluate import RESULT_LIMIT, fit_to_limit
+from flame_magic_runner.limits import RESULT_LIMIT, fit_to_limit
 
 MB = 1024 * 1024
 
@@ -18,7 +18,7 @@ def test_a_large_representation_is_capped_and_the_values_kept() -> None:
     result = cell.CellResult()
     result.result.data_json = json.dumps({"text/plain": "z" * (5 * MB), "text/html": "<b>z</b>" * MB})
     # By reference (a blob in the cache), as the runner sends a large value with a cache.
-    result.result_value.CopyFrom(cell.Value(cached_pickle=cell.Blob(size=5 * MB, digest="d")))
+    result.value.CopyFrom(cell.Value(cached_pickle=cell.Blob(size=5 * MB, digest="d")))
     result.assigned.add(name="a4", pickle=b"p" * 200)
     result.assigned.add(name="s", cached_pickle=cell.Blob(size=5 * MB, digest="e"))
 
@@ -26,7 +26,7 @@ def test_a_large_representation_is_capped_and_the_values_kept() -> None:
 
     assert result.ByteSize() <= RESULT_LIMIT
     assert [v.name for v in result.assigned] == ["a4", "s"] and not result.not_returned
-    assert result.HasField("result_value")
+    assert result.HasField("value")
     text = shown(result)
     assert text.startswith("zzzz")
     note = text.rsplit("\n", 1)[1]

@@ -10,13 +10,13 @@ from flame_magic.errors import CellFailed
 from flame_magic.protocol import cell
 from flame_magic.remote import Connection
 from flame_magic.runs import Runs
-from flame_magic_runner.evaluate import _Recorder
+from flame_magic_runner.recording import Recorder
 
 TARGET = Target(endpoint="http://fake-flame:8080", ca_file=None, source="a fake Flame")
 
 
 def test_recorder_take_gives_each_output_once_in_order():
-    recorder = _Recorder(1000)
+    recorder = Recorder(1000)
     recorder.write("stdout", "a")
     recorder.write("stdout", "b")
     assert [o.stream.text for o in recorder.take()] == ["ab"]
