@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import atexit
+import dataclasses
 import json
 import os
 import reprlib
@@ -18,7 +19,7 @@ from IPython.core.magic_arguments import argument, argument_group, magic_argumen
 from IPython.display import display, publish_display_data
 from traitlets import Bool, Float, Int, List, Unicode
 
-from flame_magic import codec, debugger, deploy
+from flame_magic import codec, debugger, deploy, environments
 from flame_magic.background import current_parent, follow, output_to
 from flame_magic.capture import ShipError, analyse, pack
 from flame_magic.client import FlameError, SessionGoneError, SessionStartError
@@ -82,8 +83,9 @@ class FlameMagics(Magics):
 
     requirements = List(
         Unicode(),
-        help="pip requirements installed on this notebook's runners before its cells run, "
-        "e.g. ['pandas==2.2.2'] (as `%%flmrun --pip`).",
+        help="Packages installed for every cell's runners: requirements or wheel files, e.g. "
+        "['pandas==2.2.2', './dist/mylib-0.1-py3-none-any.whl'] (as `%%flmrun --pip`: Flame installs "
+        "them as an application's package).",
     ).tag(config=True)
     check_packages = Bool(
         True,
@@ -134,8 +136,9 @@ class FlameMagics(Magics):
         "--pip",
         action="append",
         metavar="REQUIREMENT",
-        help="Install this pip requirement (e.g. 'pandas==2.2.2') on the runner before the cell runs; "
-        "repeat for several (see also FlameMagics.requirements).",
+        help="Run the cell on runners with this package installed: a requirement ('pandas==2.2.2') or "
+        "a wheel file's path; repeat for several (see also FlameMagics.requirements). Flame installs them "
+        "as the package of an application of their own, reused by cells with the same packages.",
     )
     @argument_group("Map over inputs")
     @argument(
@@ -214,12 +217,6 @@ class FlameMagics(Magics):
         args = parse_argstring(self.flmrun, line)
         if map_spec is not None:
             args.map = map_spec
-        for requirement in [*self.requirements, *(args.pip or [])]:
-            if not requirement.strip() or requirement.lstrip().startswith("-"):
-                raise UsageError(
-                    f"--pip and FlameMagics.requirements take requirements such as 'pandas==2.2.2', not "
-                    f"{requirement!r}; give pip options as PIP_* variables in the runner's environment."
-                )
         try:
             return self._run_cell(args, cell_source)
         except SyntaxError as exc:
@@ -265,8 +262,7 @@ class FlameMagics(Magics):
         )
         try:
             # The notebook's own modules the cell uses travel with it; installed packages are checked.
-            pip = [*self.requirements, *(args.pip or [])]
-            connection.environment.attach(request, tree, used, shipper, pip, check=self.check_packages)
+            connection.environment.attach(request, tree, used, shipper, check=self.check_packages)
         except ShipError as exc:
             self._close_private(session_id)
             raise UsageError(str(exc)) from None
@@ -287,9 +283,20 @@ class FlameMagics(Magics):
         """Check the options of a %%flmrun cell and say where it runs."""
         connection = self.connection()
         try:
-            return plan(args, self.shell.user_ns, connection.named, self._default_instances)
-        except RequestError as exc:
+            requirements = environments.parse([*self.requirements, *(args.pip or [])])
+            where = plan(args, self.shell.user_ns, connection.named, self._default_instances)
+        except (RequestError, environments.RequirementError) as exc:
             raise UsageError(str(exc)) from None
+        # Runners with packages installed are sessions of their own (see flame_magic.environments).
+        if requirements and where.key.requirements != requirements:
+            if where.key.name is not None and connection.named(where.key.name) is not None:
+                raise UsageError(
+                    f"Session {where.key.name!r} is open with other packages "
+                    f"({environments.describe(where.key.requirements) or 'none'}): run "
+                    f"`%flame close {where.key.name}` first to open it with these."
+                )
+            where.key = dataclasses.replace(where.key, requirements=requirements)
+        return where
 
     def _default_instances(self) -> int:
         if self.map_instances > 0:
@@ -411,6 +418,8 @@ class FlameMagics(Magics):
             if session_id is not None:
                 if isinstance(fatal, SessionStartError):
                     connection.close_session(session_id)  # its runners cannot start: a new one next time
+                    if plan.key.requirements:
+                        raise CellFailed(connection.start_failure(session_id, fatal))
                 elif isinstance(fatal, SessionGoneError) or connection.session_gone(session_id):
                     connection.forget(session_id)
             raise CellFailed(f"{fatal} The map stopped {after}. {kept}")

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from flame_magic import codec, deploy, protocol
+from flame_magic import codec, deploy, environments, protocol
 from flame_magic.backends import OWN_RUNNER, Backend, backend_for
 from flame_magic.cache import CacheClient, CacheError, ObjectNotFound, ObjectRef
 from flame_magic.capture import ShipError, check_size
@@ -421,6 +421,11 @@ class Connection:
         if problem:
             raise FlameError(problem)
         assert application is not None
+        if key.requirements:  # --pip: the same runner, as an application that installs them
+            application = environments.ensure(
+                client, self.cache(), name, application, key.requirements, self.notify
+            )
+            name = application.metadata.name
         backend = backend_for(application.spec, self.cache() if is_stock_runner(application.spec) else None)
         if key.resources.given:
             too_big = fits(key.resources, client.list_nodes())
@@ -462,10 +467,23 @@ class Connection:
             return self.open_session(key)
         except (FlameError, codec.PayloadError) as exc:
             self._abandon(session_id)
-            raise FlameError(str(exc)) from None
+            raise FlameError(self.start_failure(session_id, exc)) from None
         for note in notes:
             self.notify(note)
         return session_id
+
+    def start_failure(self, session_id: str, exc: Exception) -> str:
+        """What to say of ``session_id``, whose runner failed to start (``exc``).
+
+        A runner of a ``--pip`` environment that did not start failed to install it: one line
+        naming the packages and pip's reason (see :func:`environments.install_failed`).
+        """
+        application = self._applications.get(session_id)
+        if isinstance(exc, SessionStartError) and application is not None:
+            failed = environments.install_failed(self.client(), self.cache(), application, str(exc))
+            if failed is not None:
+                return failed
+        return str(exc)
 
     def backend(self, session_id: str) -> Backend:
         """How this notebook speaks to the runner of ``session_id``."""
@@ -603,6 +621,8 @@ class Connection:
             raise CellFailed(f"{exc}. The session was closed.") from None
         except SessionStartError as exc:
             self._abandon(session_id)
+            if key.requirements:
+                raise CellFailed(self.start_failure(session_id, exc)) from None
             raise CellFailed(
                 f"{exc}. The session was closed. If {self.application!r} is not flame-magic's runner "
                 "with this notebook's flame-magic, Python and cloudpickle versions, run `%flame deploy` "
