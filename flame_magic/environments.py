@@ -384,13 +384,22 @@ def install_failed(
 
 
 def _why(reason: str) -> str:
-    """pip's (or uv's) own reason in the installer's message, else its first line."""
+    """pip's (or uv's) own reason, from the installation log when it is readable here, else Flame's words."""
+    log = re.search(r"See log: (\S+\.log)", reason)
+    text = reason
+    if log is not None:
+        try:
+            text += "\n" + Path(log.group(1)).read_text(encoding="utf-8", errors="replace")[-8000:]
+        except OSError:
+            pass  # the log is on an executor's node
+    text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)  # pip and uv colour what they write
+    for line in reversed([line.strip() for line in text.splitlines()]):
+        for mark in ("ERROR:", "error:", "╰─▶"):
+            if line.startswith(mark):
+                found = line.removeprefix(mark).strip()
+                return f"{found}; see {log.group(1)}" if log is not None else found
     lines = [line.strip() for line in reason.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if line.startswith(("ERROR:", "error:", "×", "╰─▶")):
-            return line.removeprefix("ERROR:").removeprefix("error:").strip()
-    first = lines[0] if lines else "no reason given"
-    return first.split(": ", 1)[-1] if first.startswith("The application of session") else first
+    return lines[0].split("could not start: ", 1)[-1] if lines else "no reason given"
 
 
 def _object_key(url: str) -> str:
