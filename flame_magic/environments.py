@@ -103,7 +103,10 @@ def parse(texts: Iterable[str], cwd: str | None = None) -> tuple[str, ...]:
         try:
             Requirement(text)
         except InvalidRequirement as exc:
-            raise RequirementError(f"--pip {text!r} is not a requirement: {exc}.") from None
+            why = str(exc).splitlines()[0].rstrip(".")
+            raise RequirementError(
+                f"--pip {text!r} is not a requirement ({why}): write one as pip takes it, e.g. 'pandas>=2'."
+            ) from None
         found.add(text)
     return tuple(sorted(found))
 

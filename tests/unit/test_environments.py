@@ -1,0 +1,139 @@
+"""The parts of ``--pip`` environments: requirements, the generated package, the application.
+
+The package is installed here by a real pip, offline, as the embedded Flame and Flame's
+executor manager install an application's package (``--target``, from the unpacked project).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from flame_magic import codec, environments
+from flame_magic.embedded.installer import needs_nothing_from_an_index
+from flame_magic.protocol import types
+
+
+def tiny_wheel(folder: Path, name: str = "flmunit", version: str = "0.1") -> Path:
+    """A pure-Python wheel written by hand (a wheel is a zip with metadata)."""
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    info = f"{name}-{version}.dist-info"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(f"{name}/__init__.py", f"VERSION = {version!r}\n")
+        archive.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        archive.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        archive.writestr(f"{info}/RECORD", "")
+    return path
+
+
+def unpack(package: environments.Package, destination: Path) -> Path:
+    with tarfile.open(fileobj=io.BytesIO(package.data), mode="r:gz") as archive:
+        archive.extractall(destination, filter="data")
+    return destination
+
+
+def test_requirements_are_sorted_once_each_and_wheels_carry_their_digest(tmp_path: Path) -> None:
+    wheel = tiny_wheel(tmp_path)
+    parsed = environments.parse(["numpy>=1", wheel.name, " numpy>=1 "], cwd=str(tmp_path))
+    assert len(parsed) == 2 and parsed[0].startswith(f"{wheel}#sha256=") and parsed[1] == "numpy>=1"
+    assert environments.describe(parsed) == f"{wheel.name}, numpy>=1"
+    # A rebuilt wheel is another environment.
+    wheel.write_bytes(wheel.read_bytes() + b"\0")
+    assert environments.parse([str(wheel)]) != parsed[:1]
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("--index-url=http://example.org", "give pip options as PIP_*"),
+        ("./missing-0.1-py3-none-any.whl", "no such file"),
+        ("pandas=>2", "is not a requirement"),
+    ],
+)
+def test_what_is_not_a_requirement_is_refused_in_one_line(tmp_path: Path, text: str, says: str) -> None:
+    (tmp_path / "notawheel.txt").write_text("")
+    with pytest.raises(environments.RequirementError) as caught:
+        environments.parse([text], cwd=str(tmp_path))
+    assert says in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_file_that_is_not_a_wheel_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "data.txt").write_text("")
+    with pytest.raises(environments.RequirementError, match="not a wheel file"):
+        environments.parse(["./data.txt"], cwd=str(tmp_path))
+
+
+def test_the_package_installs_its_wheel_offline_with_pip(tmp_path: Path) -> None:
+    wheel = tiny_wheel(tmp_path)
+    requirements = environments.parse([str(wheel)])
+    index, files = environments._contents(types.ApplicationSpec(), requirements, None)  # type: ignore[arg-type]
+    package = environments.package("flmunit-env-0123", index, files)
+    assert package == environments.package("flmunit-env-0123", index, files)  # reproducible
+    src = unpack(package, tmp_path / "src")
+    assert not needs_nothing_from_an_index(src)  # a wheel to install: pip, not --no-deps
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-index", "--target", str(tmp_path / "deps"), str(src)],
+        capture_output=True,
+        text=True,
+        env=environment,
+    )
+    assert done.returncode == 0, done.stderr
+    installed = subprocess.run(
+        [sys.executable, "-c", "import flmunit; print(flmunit.VERSION)"],
+        capture_output=True,
+        text=True,
+        env={**environment, "PYTHONPATH": str(tmp_path / "deps")},
+    )
+    assert installed.stdout.strip() == "0.1"
+
+
+def test_requirements_met_here_install_offline_on_the_embedded_flame(tmp_path: Path) -> None:
+    package = environments.package("env-here", [f"cloudpickle=={codec.CLOUDPICKLE_VERSION}"], {})
+    assert needs_nothing_from_an_index(unpack(package, tmp_path))
+
+
+def test_the_application_is_the_runner_with_the_package_and_the_notebooks_python() -> None:
+    base = types.ApplicationSpec(
+        command="python3",
+        arguments=["-m", "flamepy.runner.runpy"],
+        installer="python",
+        working_directory="/work",
+        environments=[types.Environment(name="FLAME_PYTHON_VERSION", value="3.9")],
+    )
+    spec = environments.environment_spec(base, "grpc://cache:9090/a/pkg/a-1.tar.gz", ("numpy==2.0",))
+    assert (spec.command, list(spec.arguments), spec.working_directory) == (
+        "python3",
+        ["-m", "flamepy.runner.runpy"],
+        "/work",
+    )
+    assert (spec.url, spec.installer) == ("grpc://cache:9090/a/pkg/a-1.tar.gz", "python")
+    variables = {e.name: e.value for e in spec.environments}
+    assert variables["FLAME_PYTHON_VERSION"] == codec.PYTHON_VERSION
+    assert json.loads(variables[environments.MARKER]) == ["numpy==2.0"]
+    assert environments.is_environment(spec) and not environments.is_environment(base)
+
+
+def test_pips_and_uvs_reasons_are_found(tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    log.write_text("$ pip install\n\x1b[31mERROR: No matching distribution found for nope==1\x1b[0m\n")
+    reason = f"The application of session 's' could not start: installation failed. See log: {log}"
+    assert environments._why(reason) == f"No matching distribution found for nope==1; see {log}"
+    log.write_text(
+        "  × No solution found when resolving dependencies:\n"
+        "  ╰─▶ Because nope was not found in the package registry\n"
+    )
+    assert environments._why(reason).startswith("Because nope was not found in the package registry")
+    # On a cluster the log is on the executor's node: Flame's own words.
+    far = (
+        "The application of session 's' could not start: Python installation failed. See log: /nowhere/x.log"
+    )
+    assert environments._why(far) == "Python installation failed. See log: /nowhere/x.log"
