@@ -57,6 +57,8 @@ BACKEND = "_flame_magic_environment"
 WHEELS = "wheels"
 # flame-magic's runner package, when the runner application installs it from a url (see deploy).
 RUNNER_DISTRIBUTION = "flame-magic"
+# How Flame's executor manager (and the embedded Flame) words a bind that failed in the installer.
+INSTALL_FAILED = "application installation failed"
 
 _WHEEL = re.compile(r"^(?P<name>[A-Za-z0-9_.]+)-[^-]+(-[^-]+)?-[^-]+-[^-]+-[^-]+\.whl$")
 
@@ -364,11 +366,14 @@ def ensure(
 def install_failed(
     client: FlameClient, cache: CacheClient | None, application: str, reason: str
 ) -> str | None:
-    """The one line for a session of an environment whose runner could not start, or None.
+    """The one line for a session whose runner could not start, when it is an environment that
+    Flame could not install (None otherwise).
 
     The application is unregistered (its package deleted from the cache), so that the next
     cell with the same packages registers and installs it anew.
     """
+    if INSTALL_FAILED not in reason:
+        return None  # the runner itself did not start: said as for any session
     found = client.get_application(application)
     if found is None or not is_environment(found.spec):
         return None

@@ -418,8 +418,9 @@ class FlameMagics(Magics):
             if session_id is not None:
                 if isinstance(fatal, SessionStartError):
                     connection.close_session(session_id)  # its runners cannot start: a new one next time
-                    if plan.key.requirements:
-                        raise CellFailed(connection.start_failure(session_id, fatal))
+                    failed = connection.install_failure(session_id, fatal)
+                    if failed is not None:
+                        raise CellFailed(failed)
                 elif isinstance(fatal, SessionGoneError) or connection.session_gone(session_id):
                     connection.forget(session_id)
             raise CellFailed(f"{fatal} The map stopped {after}. {kept}")

@@ -467,23 +467,20 @@ class Connection:
             return self.open_session(key)
         except (FlameError, codec.PayloadError) as exc:
             self._abandon(session_id)
-            raise FlameError(self.start_failure(session_id, exc)) from None
+            raise FlameError(self.install_failure(session_id, exc) or str(exc)) from None
         for note in notes:
             self.notify(note)
         return session_id
 
-    def start_failure(self, session_id: str, exc: Exception) -> str:
-        """What to say of ``session_id``, whose runner failed to start (``exc``).
+    def install_failure(self, session_id: str, exc: Exception) -> str | None:
+        """The one line for ``session_id`` of a ``--pip`` environment that Flame could not install.
 
-        A runner of a ``--pip`` environment that did not start failed to install it: one line
-        naming the packages and pip's reason (see :func:`environments.install_failed`).
+        None when ``exc`` is something else (see :func:`environments.install_failed`).
         """
         application = self._applications.get(session_id)
-        if isinstance(exc, SessionStartError) and application is not None:
-            failed = environments.install_failed(self.client(), self.cache(), application, str(exc))
-            if failed is not None:
-                return failed
-        return str(exc)
+        if not isinstance(exc, SessionStartError) or application is None:
+            return None
+        return environments.install_failed(self.client(), self.cache(), application, str(exc))
 
     def backend(self, session_id: str) -> Backend:
         """How this notebook speaks to the runner of ``session_id``."""
@@ -621,8 +618,9 @@ class Connection:
             raise CellFailed(f"{exc}. The session was closed.") from None
         except SessionStartError as exc:
             self._abandon(session_id)
-            if key.requirements:
-                raise CellFailed(self.start_failure(session_id, exc)) from None
+            failed = self.install_failure(session_id, exc)
+            if failed is not None:
+                raise CellFailed(failed) from None
             raise CellFailed(
                 f"{exc}. The session was closed. If {self.application!r} is not flame-magic's runner "
                 "with this notebook's flame-magic, Python and cloudpickle versions, run `%flame deploy` "

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from flame_magic import codec, environments
+from flame_magic.cache import ObjectRef
 from flame_magic.embedded.installer import needs_nothing_from_an_index
 from flame_magic.protocol import types
 
@@ -137,3 +138,48 @@ def test_pips_and_uvs_reasons_are_found(tmp_path: Path) -> None:
         "The application of session 's' could not start: Python installation failed. See log: /nowhere/x.log"
     )
     assert environments._why(far) == "Python installation failed. See log: /nowhere/x.log"
+
+
+class RefusingFlame:
+    """Stands for a Flame whose session manager refuses registrations (an administrator's policy)."""
+
+    endpoint = "http://flame.example:8080"
+
+    def __init__(self) -> None:
+        self.base = types.Application(
+            metadata=types.Metadata(name="flmrun"),
+            spec=types.ApplicationSpec(command="python3", arguments=["-m", "flamepy.runner.runpy"]),
+        )
+
+    def get_application(self, name: str) -> types.Application | None:
+        return self.base if name == "flmrun" else None
+
+    def register_application(self, name: str, spec: types.ApplicationSpec) -> None:
+        raise environments.FlameError(f"register application {name!r}: PERMISSION_DENIED: not allowed")
+
+
+class MemoryCache:
+    """Stands for Flame's object cache: keeps objects in a dict."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+
+    def put(self, key: str, data: bytes) -> ObjectRef:
+        self.objects[key] = bytes(data)
+        return ObjectRef("grpc://cache.example:9090", key, 1)
+
+    def delete(self, key: str) -> None:
+        self.objects.pop(key, None)
+
+
+def test_a_refused_registration_or_no_cache_is_one_line_saying_what_to_do(tmp_path: Path) -> None:
+    flame, cache = RefusingFlame(), MemoryCache()
+    requirements = environments.parse(["numpy==2.0"])
+    with pytest.raises(environments.FlameError) as caught:
+        environments.ensure(flame, cache, "flmrun", flame.base, requirements, print)  # type: ignore[arg-type]
+    message = str(caught.value)
+    assert message.startswith("--pip numpy==2.0: Flame at http://flame.example:8080 refused to register")
+    assert "PERMISSION_DENIED: not allowed" in message and "administrator" in message
+    assert "\n" not in message and not cache.objects  # the uploaded package is removed again
+    with pytest.raises(environments.FlameError, match="none is configured here: set FLAME_CACHE_ENDPOINT"):
+        environments.ensure(flame, None, "flmrun", flame.base, requirements, print)  # type: ignore[arg-type]
