@@ -57,6 +57,9 @@ BACKEND = "_flame_magic_environment"
 WHEELS = "wheels"
 # flame-magic's runner package, when the runner application installs it from a url (see deploy).
 RUNNER_DISTRIBUTION = "flame-magic"
+# Seconds a new runner of an environment may take beyond FlameMagics.start_timeout: Flame
+# installs the packages as the runner starts (its own downloads may take 300 s).
+INSTALL_SECONDS = 600.0
 # How Flame's executor manager (and the embedded Flame) words a bind that failed in the installer.
 INSTALL_FAILED = "application installation failed"
 
@@ -355,7 +358,8 @@ def ensure(
         ) from None
     notify(
         f"--pip {what}: registered application {name!r} ({base_name!r} with these packages); Flame "
-        "installs them when its runners start, and later cells with the same packages reuse it."
+        "installs them as its first runner starts (this cell waits for it), and later cells with the "
+        "same packages reuse it."
     )
     found = client.get_application(name)
     if found is None:

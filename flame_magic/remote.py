@@ -174,6 +174,7 @@ class Connection:
         self._backends: dict[str, Backend] = {}
         self._applications: dict[str, str] = {}
         self._python_copies: dict[str, str] = {}  # configured application -> its copy in use
+        self._installing: set[str] = set()  # sessions of --pip environments (see flame_magic.environments)
         # Why a key's last session was given up (its runner died): said once, by the next cell.
         self._lost: dict[SessionKey, str] = {}
         #: Seconds a new session's runner may take to come up (0: no limit); see PendingWatch.
@@ -362,11 +363,15 @@ class Connection:
 
     def pending_watch(self, session_id: str) -> PendingWatch:
         """What to call while a task of ``session_id`` waits (see ``FlameClient.wait_task``)."""
+        application = self._applications.get(session_id, self.application)
+        timeout = self.start_timeout
+        if timeout and session_id in self._installing:  # its first runners wait for Flame's installation
+            timeout += environments.INSTALL_SECONDS
         return PendingWatch(
             self.client(),
             session_id,
-            self.application,
-            self.start_timeout,
+            application,
+            timeout,
             self.describe,
             self.notify,
             lambda: self.release_idle_maps(session_id),
@@ -436,6 +441,8 @@ class Connection:
         with self._lock:
             self._backends[session_id] = backend
             self._applications[session_id] = name
+            if key.requirements:
+                self._installing.add(session_id)
         if backend is not OWN_RUNNER:
             self._shipper_for(session_id)  # its objects (the evaluator, results) go when it closes
         try:
