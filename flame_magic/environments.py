@@ -39,7 +39,6 @@ import re
 import secrets
 import tarfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -54,7 +53,7 @@ from flame_magic.protocol import types
 #: The environment variable that marks an application as one of these (its value: the requirements).
 MARKER = "FLAME_MAGIC_REQUIREMENTS"
 BACKEND = "_flame_magic_environment"
-WHEELS = "wheels"
+WHEELS = "_flame_magic_wheels"
 # flame-magic's runner package, when the runner application installs it from a url (see deploy).
 RUNNER_DISTRIBUTION = "flame-magic"
 # Seconds a new runner of an environment may take beyond FlameMagics.start_timeout: Flame
@@ -117,7 +116,9 @@ def parse(texts: Iterable[str], cwd: str | None = None) -> tuple[str, ...]:
 
 
 def _is_path(text: str) -> bool:
-    return text.endswith(".whl") or text.startswith((".", "~", os.sep)) or os.sep in text.split("@")[0]
+    if re.search(r"@\s*\w+://", text):
+        return False  # ``name @ https://...``: a requirement with its url
+    return text.endswith(".whl") or text.startswith((".", "~", os.sep)) or os.sep in text
 
 
 def describe(requirements: Iterable[str]) -> str:
@@ -198,17 +199,8 @@ def build_sdist(sdist_directory, config_settings=None):
 '''
 
 
-@dataclass(frozen=True)
-class Package:
-    """An environment's package: its archive's name and bytes, and its digest."""
-
-    filename: str
-    data: bytes
-    digest: str
-
-
-def package(name: str, requirements: list[str], files: dict[str, tuple[str, bytes]]) -> Package:
-    """The generated project for ``requirements`` as a reproducible ``.tar.gz``.
+def package(name: str, requirements: list[str], files: dict[str, tuple[str, bytes]]) -> bytes:
+    """The generated project for ``requirements``, as a reproducible ``.tar.gz``.
 
     Parameters
     ----------
@@ -237,8 +229,7 @@ def package(name: str, requirements: list[str], files: dict[str, tuple[str, byte
             info = tarfile.TarInfo(member)
             info.size, info.mode, info.mtime = len(data), 0o644, 0
             archive.addfile(info, io.BytesIO(data))
-    digest = hashlib.sha256(raw.getvalue()).hexdigest()
-    return Package(f"{name}.tar.gz", gzip.compress(raw.getvalue(), mtime=0), digest)
+    return gzip.compress(raw.getvalue(), mtime=0)
 
 
 # -- the application -----------------------------------------------------------------------
@@ -336,10 +327,10 @@ def ensure(
         )
     try:
         index, files = _contents(base.spec, requirements, cache)
-        built = package(name, index, files)
+        data = package(name, index, files)
         # A fresh url per registration: Flame keeps what became of an installation by url, also a failure.
         key = f"{name}/pkg/{name}-{secrets.token_hex(4)}.tar.gz"
-        ref = cache.put(key, built.data)
+        ref = cache.put(key, data)
     except (CacheError, OSError) as exc:
         raise FlameError(f"--pip {what}: cannot upload the package to Flame's object cache: {exc}") from None
     url = f"{ref.endpoint.rstrip('/')}/{ref.key}"
@@ -361,10 +352,7 @@ def ensure(
         "installs them as its first runner starts (this cell waits for it), and later cells with the "
         "same packages reuse it."
     )
-    found = client.get_application(name)
-    if found is None:
-        raise FlameError(f"--pip {what}: application {name!r} was registered, but Flame does not list it.")
-    return found
+    return types.Application(metadata=types.Metadata(name=name), spec=spec)
 
 
 def install_failed(
@@ -391,7 +379,7 @@ def install_failed(
     return (
         f"Installing {wanted} for the runners failed ({_why(reason)}): check the names and versions, and "
         "that the executors reach a package index (PIP_INDEX_URL/UV_INDEX_URL there), or give wheel "
-        "files (`--pip ./dist/NAME.whl`). The cells without these packages run as before."
+        "files (`--pip ./dist/NAME.whl`). Cells without these packages are not affected."
     )
 
 

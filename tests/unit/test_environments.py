@@ -35,8 +35,8 @@ def tiny_wheel(folder: Path, name: str = "flmunit", version: str = "0.1") -> Pat
     return path
 
 
-def unpack(package: environments.Package, destination: Path) -> Path:
-    with tarfile.open(fileobj=io.BytesIO(package.data), mode="r:gz") as archive:
+def unpack(package: bytes, destination: Path) -> Path:
+    with tarfile.open(fileobj=io.BytesIO(package), mode="r:gz") as archive:
         archive.extractall(destination, filter="data")
     return destination
 
@@ -70,6 +70,10 @@ def test_a_file_that_is_not_a_wheel_is_refused(tmp_path: Path) -> None:
     (tmp_path / "data.txt").write_text("")
     with pytest.raises(environments.RequirementError, match="not a wheel file"):
         environments.parse(["./data.txt"], cwd=str(tmp_path))
+    # A requirement with its url is pip's to fetch, wherever it points.
+    assert environments.parse(["demo @ https://example.org/demo-1.0-py3-none-any.whl"]) == (
+        "demo @ https://example.org/demo-1.0-py3-none-any.whl",
+    )
 
 
 def test_the_package_installs_its_wheel_offline_with_pip(tmp_path: Path) -> None:
