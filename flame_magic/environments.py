@@ -393,11 +393,22 @@ def _why(reason: str) -> str:
         except OSError:
             pass  # the log is on an executor's node
     text = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)  # pip and uv colour what they write
-    for line in reversed([line.strip() for line in text.splitlines()]):
-        for mark in ("ERROR:", "error:", "╰─▶"):
-            if line.startswith(mark):
-                found = line.removeprefix(mark).strip()
-                return f"{found}; see {log.group(1)}" if log is not None else found
+    lines = [line.strip() for line in text.splitlines()]
+    for index in reversed(range(len(lines))):
+        mark = next((m for m in ("ERROR:", "error:", "╰─▶") if lines[index].startswith(m)), None)
+        if mark is None:
+            continue
+        found = lines[index].removeprefix(mark).strip()
+        # uv says why below its error: the first cause, and the last one (the root) if another.
+        causes = []
+        for line in lines[index + 1 :]:
+            if not line.startswith(("cause:", "Caused by:")):
+                break
+            causes.append(line.split(":", 1)[1].strip())
+        if causes:
+            found += f": {causes[0]}" + (f" ({causes[-1]})" if len(causes) > 1 else "")
+        found = found.rstrip(".")
+        return f"{found}; see {log.group(1)}" if log is not None else found
     lines = [line.strip() for line in reason.splitlines() if line.strip()]
     return lines[0].split("could not start: ", 1)[-1] if lines else "no reason given"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -101,6 +102,30 @@ def test_the_package_installs_its_wheel_offline_with_pip(tmp_path: Path) -> None
     assert installed.stdout.strip() == "0.1"
 
 
+def test_the_package_installs_its_wheel_offline_with_uv_as_flames_executor_manager_does(
+    tmp_path: Path,
+) -> None:
+    uv = shutil.which("uv") or str(Path(sys.executable).with_name("uv"))
+    if not os.access(uv, os.X_OK):
+        pytest.skip("uv is not installed (it comes with the test extra)")
+    wheel = tiny_wheel(tmp_path)
+    index, files = environments._contents(types.ApplicationSpec(), environments.parse([str(wheel)]), None)  # type: ignore[arg-type]
+    src = unpack(environments.package("flmunit-env-4567", index, files), tmp_path / "src")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("PIP_", "UV_"))}
+    # No index reachable: the executor manager's command, in the unpacked project.
+    environment.update(UV_CACHE_DIR=str(tmp_path / "cache"), UV_INDEX_URL="http://127.0.0.1:9/simple")
+    command = [uv, "pip", "install", "--link-mode=copy", "--python", sys.executable]
+    done = subprocess.run(
+        [*command, "--target", str(tmp_path / "deps"), "."],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        env=environment,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "deps" / "flmunit" / "__init__.py").read_text() == "VERSION = '0.1'\n"
+
+
 def test_requirements_met_here_install_offline_on_the_embedded_flame(tmp_path: Path) -> None:
     package = environments.package("env-here", [f"cloudpickle=={codec.CLOUDPICKLE_VERSION}"], {})
     assert needs_nothing_from_an_index(unpack(package, tmp_path))
@@ -137,6 +162,17 @@ def test_pips_and_uvs_reasons_are_found(tmp_path: Path) -> None:
         "  ╰─▶ Because nope was not found in the package registry\n"
     )
     assert environments._why(reason).startswith("Because nope was not found in the package registry")
+    # As uv (Flame's installer) writes them, without a terminal.
+    log.write_text(
+        "error: Request failed after 3 retries in 5.8s\n"
+        "  cause: Failed to fetch: http://127.0.0.1:9/simple/nope/\n"
+        "  cause: tcp connect error\n"
+        "  cause: Connection refused (os error 111)\n"
+    )
+    assert environments._why(reason) == (
+        "Request failed after 3 retries in 5.8s: Failed to fetch: http://127.0.0.1:9/simple/nope/ "
+        f"(Connection refused (os error 111)); see {log}"
+    )
     # On a cluster the log is on the executor's node: Flame's own words.
     far = (
         "The application of session 's' could not start: Python installation failed. See log: /nowhere/x.log"
