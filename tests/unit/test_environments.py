@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from flame_magic import codec, environments
-from flame_magic.cache import ObjectRef
+from flame_magic.cache import Fetched, ObjectRef
 from flame_magic.embedded.installer import needs_nothing_from_an_index
 from flame_magic.protocol import types
 
@@ -211,6 +211,10 @@ class MemoryCache:
     def delete(self, key: str) -> None:
         self.objects.pop(key, None)
 
+    def get(self, key: str) -> Fetched | None:
+        data = self.objects.get(key)
+        return None if data is None else Fetched(1, memoryview(data), [])  # type: ignore[arg-type]
+
 
 def test_a_refused_registration_or_no_cache_is_one_line_saying_what_to_do(tmp_path: Path) -> None:
     flame, cache = RefusingFlame(), MemoryCache()
@@ -223,3 +227,23 @@ def test_a_refused_registration_or_no_cache_is_one_line_saying_what_to_do(tmp_pa
     assert "\n" not in message and not cache.objects  # the uploaded package is removed again
     with pytest.raises(environments.FlameError, match="none is configured here: set FLAME_CACHE_ENDPOINT"):
         environments.ensure(flame, None, "flmrun", flame.base, requirements, print)  # type: ignore[arg-type]
+
+
+def test_a_runner_installed_from_a_package_brings_it_into_the_environment() -> None:
+    """flame-magic's runner deployed with --url: the environment installs the runner's package too."""
+    cache = MemoryCache()
+    cache.objects["flame-magic/pkg/runner.tar.gz"] = b"runner package"
+    base = types.ApplicationSpec(command="uv", arguments=["run", "python", "-m", "flame_magic_runner"])
+    base.url = "grpc://cache.example:9090/flame-magic/pkg/runner.tar.gz"
+    index, files = environments._contents(base, ("numpy==2.0",), cache)  # type: ignore[arg-type]
+    assert index == ["numpy==2.0"] and files == {"flame-magic": ("runner.tar.gz", b"runner package")}
+    base.url = "file:///shared/flame/flame_magic_runner-0.1.tar.gz"
+    index, files = environments._contents(base, ("numpy==2.0",), cache)  # type: ignore[arg-type]
+    assert index == ["numpy==2.0", "flame-magic @ file:///shared/flame/flame_magic_runner-0.1.tar.gz"]
+    # Another application with a package of its own cannot take more packages.
+    flame = RefusingFlame()
+    other = types.Application(
+        metadata=types.Metadata(name="mine"), spec=types.ApplicationSpec(command="python3", url=base.url)
+    )
+    with pytest.raises(environments.FlameError, match="installs a package of its own"):
+        environments.ensure(flame, cache, "mine", other, ("numpy==2.0",), print)  # type: ignore[arg-type]
