@@ -475,7 +475,8 @@ class FlameMagics(Magics):
                 return value
 
         def fail(exc: BaseException) -> BaseException:
-            error = CellFailed(f"{exc} The background cell `{name}` did not run to its end.")
+            said = connection.install_failure(session_id, exc) if isinstance(exc, Exception) else None
+            error = CellFailed(f"{said or exc} The background cell `{name}` did not run to its end.")
             with output_to(self.shell, parent):
                 self._show_error(error)
             return error

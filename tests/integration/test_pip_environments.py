@@ -162,3 +162,25 @@ def test_pip_refuses_options_and_paths_that_are_not_wheels(run, tmp_path):
     ran = run("%%flmrun --pip 'pandas=>2'\n1")
     assert type(ran.error).__name__ == "UsageError"
     assert "is not a requirement" in str(ran.error)
+
+
+def test_a_map_and_a_background_cell_say_a_failed_installation_in_one_line(offline_kernel):
+    client = offline_kernel
+    reply, _ = execute(client, "%load_ext flame_magic")
+    assert reply["status"] == "ok"
+    reply, outputs = execute(client, "%%flmrun --map x=range(3) --pip flm-no-such-dist-h16==2.0\nx")
+    assert reply["status"] == "error" and reply["ename"] == "CellFailed", outputs
+    assert len(outputs[-1]["traceback"]) == 1
+    assert (
+        "Installing flm-no-such-dist-h16==2.0 for the runners failed (No matching distribution"
+        in (outputs[-1]["traceback"][0])
+    )
+    reply, outputs = execute(client, "%%flmrun --background job --pip flm-no-such-dist-h16==2.0\n1")
+    assert reply["status"] == "ok", outputs
+    reply, outputs = execute(
+        client, "try:\n    job.result(timeout=300)\nexcept Exception as exc:\n    print(exc)"
+    )
+    said = text(outputs).strip().splitlines()
+    assert len(said) == 1, said  # (the cell that started it showed it too, as its output)
+    assert said[-1].startswith("Installing flm-no-such-dist-h16==2.0 for the runners failed (No matching")
+    assert said[-1].endswith("The background cell `job` did not run to its end.")
