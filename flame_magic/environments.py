@@ -48,7 +48,8 @@ from flame_magic import codec
 from flame_magic.cache import CacheClient, CacheError
 from flame_magic.client import FlameClient, FlameError
 from flame_magic.deploy import is_our_runner
-from flame_magic.protocol import types
+from flame_magic.modules import canonical
+from flame_magic.protocol import cell, types
 
 #: The environment variable that marks an application as one of these (its value: the requirements).
 MARKER = "FLAME_MAGIC_REQUIREMENTS"
@@ -124,6 +125,26 @@ def _is_path(text: str) -> bool:
 def describe(requirements: Iterable[str]) -> str:
     """``flmtoy==1.0, mylib-0.1-py3-none-any.whl``: the requirements as the user reads them."""
     return ", ".join(Path(r.partition("#sha256=")[0]).name if "#sha256=" in r else r for r in requirements)
+
+
+def names(requirements: Iterable[str]) -> set[str]:
+    """The distributions the requirements name, as pip compares names (``foo-bar``)."""
+    found = set()
+    for requirement in requirements:
+        path, digest, _ = requirement.partition("#sha256=")
+        match = _WHEEL.match(Path(path).name) if digest else None
+        name = match.group("name") if match else Requirement(requirement).name
+        found.add(canonical(name))
+    return found
+
+
+def leave_to_pip(request: cell.CellRequest, requirements: Iterable[str]) -> None:
+    """Drop from the cell's package checks those that ``--pip`` installs: their version is the one asked."""
+    asked = names(requirements)
+    kept = [r for r in request.requires if canonical(r.distribution) not in asked]
+    if len(kept) != len(request.requires):
+        del request.requires[:]
+        request.requires.extend(kept)
 
 
 # -- the package ---------------------------------------------------------------------------

@@ -263,6 +263,7 @@ class FlameMagics(Magics):
         try:
             # The notebook's own modules the cell uses travel with it; installed packages are checked.
             connection.environment.attach(request, tree, used, shipper, check=self.check_packages)
+            environments.leave_to_pip(request, plan.key.requirements)
         except ShipError as exc:
             self._close_private(session_id)
             raise UsageError(str(exc)) from None

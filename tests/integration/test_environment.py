@@ -225,6 +225,11 @@ def test_a_package_at_another_version_or_missing_fails_in_one_line(env_kernel, p
     )
     assert reply["status"] == "ok", outputs
     assert value(outputs) == "(3, '1.0')"
+    # What --pip asks for is what the cell gets, also at another version than the notebook's.
+    reply, outputs = execute(client, "%%flmrun --pip flmtoy==2.0\nimport flmtoy\nflmtoy.__version__")
+    assert reply["status"] == "ok", outputs
+    assert value(outputs) == "'2.0'"
+
     # The notebook's requirements and the cell's together make the runner's environment.
     execute(client, "%config FlameMagics.requirements = ['flmextra==1.0']")
     reply, outputs = execute(client, "%%flmrun --pip flmtoy==1.0\nflmextra.Toy(5).size + toy.size")

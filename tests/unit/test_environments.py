@@ -21,7 +21,7 @@ import pytest
 from flame_magic import codec, environments
 from flame_magic.cache import Fetched, ObjectRef
 from flame_magic.embedded.installer import needs_nothing_from_an_index
-from flame_magic.protocol import types
+from flame_magic.protocol import cell, types
 
 
 def tiny_wheel(folder: Path, name: str = "flmunit", version: str = "0.1") -> Path:
@@ -247,3 +247,14 @@ def test_a_runner_installed_from_a_package_brings_it_into_the_environment() -> N
     )
     with pytest.raises(environments.FlameError, match="installs a package of its own"):
         environments.ensure(flame, cache, "mine", other, ("numpy==2.0",), print)  # type: ignore[arg-type]
+
+
+def test_what_pip_installs_is_not_checked_against_the_notebooks_version(tmp_path: Path) -> None:
+    wheel = tiny_wheel(tmp_path, "Own_Lib")
+    requirements = environments.parse(["Six==1.16.0", str(wheel)])
+    assert environments.names(requirements) == {"six", "own-lib"}
+    request = cell.CellRequest()
+    for distribution in ("six", "own_lib", "numpy"):
+        request.requires.add(module=distribution, distribution=distribution, version="1")
+    environments.leave_to_pip(request, requirements)
+    assert [r.distribution for r in request.requires] == ["numpy"]
