@@ -192,6 +192,10 @@ class FlameClient:
         request = frontend.UpdateApplicationRequest(name=name, application=spec)
         self._check(self._call(self._stub.UpdateApplication, request, f"update application {name!r}"))
 
+    def unregister_application(self, name: str) -> None:
+        request = frontend.UnregisterApplicationRequest(name=name)
+        self._check(self._call(self._stub.UnregisterApplication, request, f"unregister application {name!r}"))
+
     @staticmethod
     def _check(result: types.Result) -> None:
         if result.return_code != 0:

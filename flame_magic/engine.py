@@ -26,19 +26,18 @@ behind :mod:`flame_magic.backends`: nothing here depends on which one a session 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from flame_magic import codec, deploy
+from flame_magic import codec, deploy, environments
 from flame_magic.applications import check_application, is_stock_runner
 from flame_magic.background import CellFuture, follow
 from flame_magic.capture import analyse, pack
 from flame_magic.client import FlameClient
 from flame_magic.config import Target, resolve
-from flame_magic.errors import (
-    CellFailed,
-)
+from flame_magic.errors import CellFailed, RequestError
 from flame_magic.fanout import MapOutcome, Progress
 from flame_magic.maps import Maps
 from flame_magic.protocol import cell, types
@@ -68,7 +67,8 @@ class Engine:
     interrupt_grace
         Seconds an interrupted cell may take to stop before its runner is stopped.
     requirements
-        pip requirements installed on the runners before cells run.
+        Packages installed for every cell's runners (requirements or wheel files; see
+        :mod:`flame_magic.environments`), with each call's ``pip``.
     check_packages
         Refuse cells that need a package the runner lacks or has at another version.
     notify
@@ -240,6 +240,7 @@ class Engine:
         if tree is None:
             tree = parse(source, filename)
         names = analyse(tree)
+        key = self._with_requirements(key, environments.parse([*self.requirements, *pip]))
         asked = None if assign is None else list(assign)
         session_id = None
         try:
@@ -264,13 +265,29 @@ class Engine:
                 values_only=item is not None,
                 send_frames=send_frames,
             )
-            pip = [*self.requirements, *pip]
-            self.connection.environment.attach(request, tree, used, shipper, pip, check=self.check_packages)
+            self.connection.environment.attach(request, tree, used, shipper, check=self.check_packages)
+            environments.leave_to_pip(request, key.requirements)
         except BaseException:
             if session_id is not None:
                 self.connection.close_session(session_id)
             raise
         return Prepared(request, key, session_id, item, asked if item is None else None)
+
+    def _with_requirements(self, key: SessionKey, requirements: tuple[str, ...]) -> SessionKey:
+        """The session key for a cell whose runners need ``requirements`` installed.
+
+        Runners with packages installed are sessions of their own (see
+        :mod:`flame_magic.environments`); a named session keeps the packages it was opened with.
+        """
+        if not requirements or key.requirements == requirements:
+            return key
+        if key.name is not None and self.connection.named(key.name) is not None:
+            raise RequestError(
+                f"Session {key.name!r} is open with other packages "
+                f"({environments.describe(key.requirements) or 'none'}): run "
+                f"`%flame close {key.name}` first to open it with these."
+            )
+        return dataclasses.replace(key, requirements=requirements)
 
     def execute(self, prepared: Prepared, show: Show | None = None) -> Result:
         """Run a prepared cell in its session and wait for it (an interrupt reaches the remote cell).
@@ -352,7 +369,8 @@ class Engine:
             return (finish or _result_or_error)(get)
 
         def fail(exc: BaseException) -> BaseException:
-            error = CellFailed(f"{exc} The background cell `{name}` did not run to its end.")
+            said = connection.install_failure(session_id, exc)
+            error = CellFailed(f"{said or exc} The background cell `{name}` did not run to its end.")
             if failed is not None:
                 failed(error)
             return error

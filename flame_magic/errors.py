@@ -53,6 +53,10 @@ class RequestError(UsageProblem, ValueError):
     """An option value that cannot be sent to Flame; the message says what is accepted."""
 
 
+class RequirementError(RequestError):
+    """A ``--pip`` requirement that cannot be installed as given; the message says what is accepted."""
+
+
 class ShipError(UsageProblem):
     """The cell cannot be sent as it is; the message says what to do."""
 

@@ -97,8 +97,9 @@ class FlameMagics(Magics):
 
     requirements = List(
         Unicode(),
-        help="pip requirements installed on this notebook's runners before its cells run, "
-        "e.g. ['pandas==2.2.2'] (as `%%flmrun --pip`).",
+        help="Packages installed for every cell's runners: requirements or wheel files, e.g. "
+        "['pandas==2.2.2', './dist/mylib-0.1-py3-none-any.whl'] (as `%%flmrun --pip`: Flame installs "
+        "them as an application's package).",
     ).tag(config=True)
     check_packages = Bool(
         True,
@@ -153,8 +154,9 @@ class FlameMagics(Magics):
         "--pip",
         action="append",
         metavar="REQUIREMENT",
-        help="Install this pip requirement (e.g. 'pandas==2.2.2') on the runner before the cell runs; "
-        "repeat for several (see also FlameMagics.requirements).",
+        help="Run the cell on runners with this package installed: a requirement ('pandas==2.2.2') or "
+        "a wheel file's path; repeat for several (see also FlameMagics.requirements). Flame installs them "
+        "as the package of an application of their own, reused by cells with the same packages.",
     )
     @argument_group("Map over inputs")
     @argument(
@@ -233,12 +235,6 @@ class FlameMagics(Magics):
         args = parse_argstring(self.flmrun, line)
         if map_spec is not None:
             args.map = map_spec
-        for requirement in [*self.requirements, *(args.pip or [])]:
-            if not requirement.strip() or requirement.lstrip().startswith("-"):
-                raise UsageError(
-                    f"--pip and FlameMagics.requirements take requirements such as 'pandas==2.2.2', not "
-                    f"{requirement!r}; give pip options as PIP_* variables in the runner's environment."
-                )
         try:
             with user_errors():
                 return self._run_cell(args, cell_source)

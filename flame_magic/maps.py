@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from flame_magic import debugger
-from flame_magic.wire import item_channel
 from flame_magic.errors import CellFailed, RunnerStartTimeout, SessionGoneError, SessionStartError
 from flame_magic.fanout import MapOutcome, MapRun, Progress, item_payloads, iter_item_payloads
 from flame_magic.live import LiveChannel
@@ -26,6 +25,7 @@ from flame_magic.results import Prepared
 from flame_magic.runners import RunnerCount
 from flame_magic.runs import TASK_INPUT_LIMIT, Runs
 from flame_magic.sessions import SessionKey
+from flame_magic.wire import item_channel
 
 Show = Callable[[cell.Output], None]
 
@@ -128,6 +128,9 @@ class Maps:
         fatal = outcome.fatal
         if isinstance(fatal, SessionStartError):
             self.connection.close_session(session_id)  # its runners cannot start: a new one next time
+            said = self.connection.install_failure(session_id, fatal)
+            if said is not None:
+                outcome.fatal = SessionStartError(said)
         elif fatal is not None and (
             isinstance(fatal, SessionGoneError) or self.connection.session_gone(session_id)
         ):

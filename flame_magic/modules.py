@@ -133,10 +133,9 @@ class Environment:
         tree: ast.AST,
         used: ModulesUsed,
         shipper: Shipper,
-        pip: Iterable[str] = (),
         check: bool = True,
     ) -> None:
-        """Add to ``request`` the notebook's modules the cell uses, the packages it needs, and ``pip``.
+        """Add to ``request`` the notebook's modules the cell uses, and the packages it needs.
 
         Parameters
         ----------
@@ -167,7 +166,6 @@ class Environment:
             request.requires.extend(requires.values())
             for package in packages:
                 self._add(request, package, shipper)
-            request.pip.extend(pip)
 
     def _closure(self, tops: list[str]) -> list[LocalPackage]:
         """The local packages among ``tops``, and the local packages their sources import."""
@@ -281,8 +279,8 @@ class Environment:
             Naming each package, both versions, and what to do.
         """
         report = self.reports.get(session_id)
-        if report is None or request.pip:
-            return  # the runner checks (and a --pip cell installs first)
+        if report is None:
+            return  # the runner checks
         found = problems(request.requires, lambda r: report.get(canonical(r.distribution)))
         if found:
             raise CellFailed(found)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flame_magic.errors import CacheError, ObjectNotFound
+from flame_magic.errors import CacheError
 
 if TYPE_CHECKING:
     import pyarrow as pa

@@ -14,13 +14,20 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from flame_magic import codec, wire
+from flame_magic import codec, environments, wire
 from flame_magic.applications import automatic_application, check_application, is_stock_runner
 from flame_magic.backends import OWN_RUNNER, Backend, backend_for
 from flame_magic.cache import CacheClient, ObjectRef
 from flame_magic.client import FlameClient, new_session_id
 from flame_magic.config import Target, resolve_cache
-from flame_magic.errors import CacheError, FlameError, PayloadError, PythonMismatch, RequestError
+from flame_magic.errors import (
+    CacheError,
+    FlameError,
+    PayloadError,
+    PythonMismatch,
+    RequestError,
+    SessionStartError,
+)
 from flame_magic.modules import Environment
 from flame_magic.protocol import cell, types
 from flame_magic.sessions import DEFAULT, Closing, SessionInfo, SessionKey, fits
@@ -74,6 +81,7 @@ class Connection:
         self._backends: dict[str, Backend] = {}
         self._applications: dict[str, str] = {}
         self._python_copies: dict[str, str] = {}  # configured application -> its copy in use
+        self._installing: set[str] = set()  # sessions of --pip environments (see flame_magic.environments)
         # Why a key's last session was given up (its runner died): said once, by the next cell.
         self._lost: dict[SessionKey, str] = {}
         #: Seconds a new session's runner may take to come up (0: no limit); see PendingWatch.
@@ -312,6 +320,11 @@ class Connection:
         if problem:
             raise FlameError(problem)
         assert application is not None
+        if key.requirements:  # --pip: the same runner, as an application that installs them
+            application = environments.ensure(
+                client, self.cache(), name, application, key.requirements, self.notify
+            )
+            name = application.metadata.name
         backend = backend_for(application.spec, self.cache() if is_stock_runner(application.spec) else None)
         if key.resources.given:
             too_big = fits(key.resources, client.list_nodes())
@@ -322,6 +335,8 @@ class Connection:
         with self._lock:
             self._backends[session_id] = backend
             self._applications[session_id] = name
+            if key.requirements:
+                self._installing.add(session_id)
         if backend is not OWN_RUNNER:
             self.shipper_for(session_id)  # its objects (the evaluator, results) go when it closes
         try:
@@ -353,10 +368,28 @@ class Connection:
             return self.open_session(key)
         except (FlameError, PayloadError) as exc:
             self.abandon(session_id)
-            raise FlameError(str(exc)) from None
+            raise FlameError(self.install_failure(session_id, exc) or str(exc)) from None
         for note in notes:
             self.notify(note)
         return session_id
+
+    def install_failure(self, session_id: str, exc: BaseException) -> str | None:
+        """The one line for ``session_id`` of a ``--pip`` environment that Flame could not install.
+
+        None when ``exc`` is something else (see :func:`environments.install_failed`).
+        """
+        application = self._applications.get(session_id)
+        if not isinstance(exc, SessionStartError) or application is None:
+            return None
+        return environments.install_failed(self.client(), self.cache(), application, str(exc))
+
+    def installing(self, session_id: str) -> bool:
+        """Whether ``session_id``'s runners wait for Flame to install ``--pip`` packages first."""
+        return session_id in self._installing
+
+    def application_of(self, session_id: str) -> str:
+        """The application ``session_id`` was opened with (its ``--pip`` one, if any)."""
+        return self._applications.get(session_id, self.application)
 
     def runner_application(self) -> str:
         """The application the notebook's sessions open: :attr:`application`, or its copy for

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flame_magic import codec, debugger
+from flame_magic import debugger
 from flame_magic.errors import DigestMismatch, RemoteError
 from flame_magic.protocol import cell
 from flame_magic.sessions import SessionKey

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from flame_magic import codec
+from flame_magic import codec, environments
 from flame_magic.capture import check_size
 from flame_magic.client import FlameClient, failure_message
 from flame_magic.errors import (
@@ -114,6 +114,9 @@ class Runs:
             raise CellFailed(f"{exc}. The session was closed.") from None
         except SessionStartError as exc:
             self.connection.abandon(session_id)
+            failed = self.connection.install_failure(session_id, exc)
+            if failed is not None:
+                raise CellFailed(failed) from None
             application = self.connection.application
             raise CellFailed(
                 f"{exc}. The session was closed. If {application!r} is not flame-magic's runner "
@@ -318,11 +321,14 @@ class Runs:
 
     def pending_watch(self, session_id: str) -> PendingWatch:
         """What to call while a task of ``session_id`` waits (see ``FlameClient.wait_task``)."""
+        timeout = self.connection.start_timeout
+        if timeout and self.connection.installing(session_id):  # its first runners wait for the install
+            timeout += environments.INSTALL_SECONDS
         return PendingWatch(
             self.connection.client(),
             session_id,
-            self.connection.application,
-            self.connection.start_timeout,
+            self.connection.application_of(session_id),
+            timeout,
             self.connection.describe,
             self.connection.notify,
             lambda: self.release_idle_maps(session_id),

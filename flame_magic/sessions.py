@@ -146,12 +146,16 @@ class SessionKey:
         Flame's ``min_instances``: runners kept even when idle (their imports stay).
     resources
         What each runner instance asks of a node.
+    requirements
+        Packages its runners have installed (``--pip``): they run an application of their
+        own (see :mod:`flame_magic.environments`).
     """
 
     name: str | None = None
     instances: int = 1
     warm: int = 1
     resources: Resources = Resources()
+    requirements: tuple[str, ...] = ()
 
     def spec(self, application: str, common_data: bytes) -> types.SessionSpec:
         """The SessionSpec to open this session with."""
@@ -181,6 +185,10 @@ class SessionKey:
             parts.append(f"up to {self.instances} instances")
         if self.resources.given:
             parts.append(self.resources.describe())
+        if self.requirements:
+            from flame_magic.environments import describe
+
+            parts.append(f"with {describe(self.requirements)}")
         return ", ".join(parts)
 
 

@@ -77,7 +77,17 @@ _RUNNER_MODULES = (
     "modules",
     "debug",
 )
-_NOTEBOOK_MODULES = ("wire", "objects", "codec", "cache", "transfer", "capture", "errors", "modules", "locator")
+_NOTEBOOK_MODULES = (
+    "wire",
+    "objects",
+    "codec",
+    "cache",
+    "transfer",
+    "capture",
+    "errors",
+    "modules",
+    "locator",
+)
 
 
 @dataclass(frozen=True)

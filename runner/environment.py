@@ -1,15 +1,16 @@
-"""The runner's side of a cell's environment: packages to install, the notebook's modules, versions.
+"""The runner's side of a cell's environment: the notebook's modules, and package versions.
 
 Before a cell's inputs are unpickled (pickles import what they name), :meth:`Environment.prepare`
 
-1. installs the cell's ``pip`` requirements (``%%flmrun --pip``, ``FlameMagics.requirements``)
-   with pip into a folder of this process, first on ``sys.path``, once per set;
-2. gives the notebook's modules to the importer (:mod:`flame_magic_runner.modules`), fetching
+1. gives the notebook's modules to the importer (:mod:`flame_magic_runner.modules`), fetching
    from Flame's object cache only the sources it does not hold;
-3. refuses the cell, with one line, if a package it needs is missing here or at another
+2. refuses the cell, with one line, if a package it needs is missing here or at another
    version than the notebook's;
-4. reports this process's distributions in its first reply (and after an install), so
-   that the notebook can refuse such cells itself.
+3. reports this process's distributions in its first reply, so that the notebook can refuse
+   such cells itself.
+
+Packages asked for with ``--pip`` are not installed here: Flame installed them before this
+process started, as its application's package (see :mod:`flame_magic.environments`).
 """
 
 from __future__ import annotations
@@ -17,15 +18,13 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
-import subprocess
-import sys
-import tempfile
 from collections.abc import Iterable
 
 from flame_magic.cache import CacheError, ObjectRef
+from flame_magic.errors import DigestMismatch
 from flame_magic.modules import canonical, problems
 from flame_magic.protocol import cell
-from flame_magic.transfer import DigestMismatch, Shipper
+from flame_magic.transfer import Shipper
 
 from .modules import Source, installed_importer
 
@@ -37,8 +36,6 @@ class Environment:
         self.importer = installed_importer()
         self._reported = False
         self._report: list[cell.Package] | None = None
-        self._installed: set[tuple[str, ...]] = set()
-        self._target: str | None = None
 
     def warm(self) -> None:
         """List this process's distributions (about 0.1 s) before the first cell needs them."""
@@ -47,7 +44,7 @@ class Environment:
 
     def prepare(self, request: cell.CellRequest, result: cell.CellResult, shipper: Shipper) -> bool:
         """Ready the process for the cell; False, with ``result.refused`` set, if it must not run."""
-        refused = self._install(list(request.pip)) or self._receive(request.modules, shipper)
+        refused = self._receive(request.modules, shipper)
         if not refused:
             refused = problems(request.requires, _version_here)
         if not self._reported:
@@ -83,38 +80,6 @@ class Environment:
         self.importer.update(sources)
         return ""
 
-    def _install(self, specs: list[str]) -> str:
-        key = tuple(sorted(set(specs)))
-        if not key or key in self._installed:
-            return ""
-        if self._target is None:
-            self._target = tempfile.mkdtemp(prefix="flame-magic-pip-")
-        command = [sys.executable, "-m", "pip", "install", "--target", self._target, "--upgrade"]
-        command += ["--no-input", "--disable-pip-version-check", "--quiet", *key]
-        try:
-            done = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-        except KeyboardInterrupt:  # the cell was interrupted: pip is stopped with it
-            return f"Not run: interrupted while installing {' '.join(key)} on the runner."
-        if done.returncode != 0:
-            lines = [line.strip() for line in (done.stderr or done.stdout).splitlines() if line.strip()]
-            why = lines[-1] if lines else f"pip exited with status {done.returncode}"
-            return (
-                f"Not run: installing {' '.join(key)} on the runner failed ({why}). Check the names and "
-                "versions, and that the executors reach a package index (or give pip a local one: "
-                "PIP_FIND_LINKS, PIP_INDEX_URL in the application's environment)."
-            )
-        self._installed.add(key)
-        if self._target not in sys.path:
-            sys.path.insert(0, self._target)
-        # What was imported before the install is the old version: the next import takes the new one.
-        for distribution in importlib.metadata.distributions(path=[self._target]):
-            for top in _tops(distribution):
-                for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
-                    del sys.modules[name]
-        importlib.invalidate_caches()
-        self._reported, self._report = False, None
-        return ""
-
 
 def _fetch(shipper: Shipper, blob: cell.Blob) -> memoryview:
     if shipper.cache is None:
@@ -123,18 +88,6 @@ def _fetch(shipper: Shipper, blob: cell.Blob) -> memoryview:
     if data.nbytes != blob.size:
         raise CacheError(f"it holds {data.nbytes} bytes, not the {blob.size} sent")
     return data
-
-
-def _tops(distribution: importlib.metadata.Distribution) -> set[str]:
-    """The top-level modules a distribution installed."""
-    tops = set()
-    for file in distribution.files or []:
-        first = file.parts[0] if file.parts else ""
-        if first.endswith(".py"):
-            tops.add(first[:-3])
-        elif len(file.parts) > 1 and not first.endswith((".dist-info", ".egg-info", ".data")):
-            tops.add(first)
-    return {top for top in tops if top.isidentifier() and top != "__pycache__"}
 
 
 def _version_here(requirement: cell.Requirement) -> str | None:

@@ -1,7 +1,8 @@
 """Live output and interrupt of a running cell, through Flame's object cache.
 
 Flame returns a task's output only when the task ends. While a cell runs, a flusher
-thread appends what the cell showed since its last flush (every :data:`~flame_magic.wire.LIVE_FLUSH` s) to the channel's output object
+thread appends what the cell showed since its last flush (every
+:data:`~flame_magic.wire.LIVE_FLUSH` s) to the channel's output object
 (each patch a ``CellResult`` holding only ``outputs``: patches concatenated still parse
 as one message), and checks its control object, where the notebook puts an ``Interrupt``
 when the user interrupts the cell (both keys: :mod:`flame_magic.wire`). The flusher then

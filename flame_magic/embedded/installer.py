@@ -221,7 +221,8 @@ def needs_nothing_from_an_index(src: Path) -> bool:
     """Whether the project in ``src`` installs offline over this Python's packages.
 
     True when its ``pyproject.toml`` declares its dependencies (not ``dynamic``), each is
-    installed here in a version it accepts, and its build backend is importable here.
+    installed here in a version it accepts, and its build backend is importable here (or
+    comes with the project, and what it requires is installed here).
     """
     try:
         with open(src / "pyproject.toml", "rb") as fh:
@@ -231,8 +232,12 @@ def needs_nothing_from_an_index(src: Path) -> bool:
     project = pyproject.get("project")
     if not isinstance(project, dict) or "dependencies" in project.get("dynamic", []):
         return False
-    backend = str(pyproject.get("build-system", {}).get("build-backend", "setuptools.build_meta"))
-    if importlib.util.find_spec(backend.split(".", 1)[0].split(":", 1)[0]) is None:
+    build = pyproject.get("build-system", {})
+    backend = str(build.get("build-backend", "setuptools.build_meta"))
+    if build.get("backend-path"):  # the project brings its backend (a --pip environment does)
+        if not all(_installed(requirement) for requirement in build.get("requires", [])):
+            return False
+    elif importlib.util.find_spec(backend.split(".", 1)[0].split(":", 1)[0]) is None:
         return False
     return all(_installed(requirement) for requirement in project.get("dependencies", []))
 

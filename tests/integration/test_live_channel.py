@@ -8,8 +8,8 @@ import pytest
 
 from flame_magic.cache import CacheClient, ObjectNotFound
 from flame_magic.embedded import cache_server
-from flame_magic.protocol import cell
 from flame_magic.live import LiveChannel
+from flame_magic.protocol import cell
 from flame_magic.wire import LIVE_FLUSH
 
 PREFIX = "app/session"

@@ -23,6 +23,8 @@ NOTEBOOK = {
     "flame_magic.protocol": WIRE,
     "flame_magic.codec": WIRE,
     "flame_magic.errors": WIRE,
+    "flame_magic.wire": WIRE,  # sizes, keys and timings both sides share
+    "flame_magic.objects": WIRE,  # the object cache's keys, references and files
     # transport: reaching Flame, its object cache and its applications
     "flame_magic.client": TRANSPORT,
     "flame_magic.cache": TRANSPORT,
@@ -48,6 +50,7 @@ NOTEBOOK = {
     "flame_magic.background": ENGINE,
     "flame_magic.debugger": ENGINE,
     "flame_magic.engine": ENGINE,
+    "flame_magic.environments": ENGINE,
     # magics: declarations, planning and presentation
     "flame_magic.cells": MAGICS,
     "flame_magic.presentation": MAGICS,
@@ -66,6 +69,12 @@ RUNNER = {
     "flame_magic_runner.bootstrap": SERVICE,  # the evaluator's entry on flamepy's runner
     "flame_magic_runner.stock": SERVICE,
     "flame_magic_runner.evaluate": EVALUATION,
+    "flame_magic_runner.values": EVALUATION,
+    "flame_magic_runner.limits": EVALUATION,
+    "flame_magic_runner.recording": EVALUATION,
+    "flame_magic_runner.exceptions": EVALUATION,
+    "flame_magic_runner.timeout": EVALUATION,
+    "flame_magic_runner.text": EVALUATION,
     "flame_magic_runner.live": EVALUATION,
     "flame_magic_runner.fdcapture": EVALUATION,
     "flame_magic_runner.debug": EVALUATION,

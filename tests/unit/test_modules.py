@@ -58,13 +58,12 @@ def test_a_cell_takes_the_modules_it_imports_and_those_they_import(folder):
     (folder / "third.py").write_text("")
     request = cell.CellRequest()
     tree = ast.parse("import first\nimport numpy as np")
-    Environment().attach(request, tree, codec.ModulesUsed(), Shipper(None, None), pip=["x==1"])
+    Environment().attach(request, tree, codec.ModulesUsed(), Shipper(None, None))
     assert [m.name for m in request.modules] == ["first", "second"]
     assert request.modules[1].source == b"import IPython\nX = 1\n"
     assert request.modules[1].filename == str(folder / "second.py")
     # What the cell and the modules it takes along import (when imported) must be on the runner.
     assert sorted(r.distribution.lower() for r in request.requires) == ["ipython", "numpy"]
-    assert list(request.pip) == ["x==1"]
 
 
 def test_pickles_name_the_modules_of_what_they_hold():
