@@ -35,7 +35,9 @@ import re
 import stat
 import threading
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from flame_magic.errors import CacheError
 
@@ -45,6 +47,8 @@ ROOT = Path("/dev/shm")
 SWITCH = "FLAME_MAGIC_SHM"
 #: Bytes a segment must leave free in the file system (others need /dev/shm too).
 RESERVE = 256 * 1024 * 1024
+#: ``check(size, read)``: see :func:`open_segment`.
+Check = Callable[[int, Callable[[int, int], Any]], None]
 _NAME = re.compile(r"^(\d+)-[0-9a-f]{32}$")
 _WRITE_CHUNK = 64 * 1024 * 1024
 _OFF = {"0", "off", "no", "false"}
@@ -149,8 +153,13 @@ def write(data: memoryview) -> str | None:
     return name
 
 
-def open_segment(name: str, size: int) -> memoryview:
+def open_segment(name: str, size: int, check: Check | None = None) -> memoryview:
     """A segment's bytes, mapped copy-on-write (writable; the segment itself never changes).
+
+    ``check(size, read)`` is called first, where ``read(start, end)`` reads the segment
+    through the descriptor that is then mapped: what it raises is raised, and nothing is
+    mapped. Reading, not the map, leaves the value's pages out of this process until
+    they are used.
 
     Raises
     ------
@@ -165,7 +174,8 @@ def open_segment(name: str, size: int) -> memoryview:
         fd = os.open(place / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise SegmentRefused(
-            f"Not loaded: the shared-memory segment {name} cannot be opened ({exc.strerror}); run the cell again."
+            f"Not loaded: the shared-memory segment {name} cannot be opened ({exc.strerror}); "
+            "run the cell again."
         ) from None
     try:
         info = os.fstat(fd)
@@ -180,11 +190,11 @@ def open_segment(name: str, size: int) -> memoryview:
                 f"Not loaded: the shared-memory segment {name} holds {info.st_size} bytes, not the "
                 f"{size} that were sent, so nothing of it was unpickled."
             )
+        if check is not None:
+            check(size, lambda start, end: os.pread(fd, end - start, start))
         if size == 0:
             return memoryview(bytearray())
-        # Private (copy-on-write) and populated at once: one call instead of a fault per page.
-        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_POPULATE", 0)
-        return memoryview(mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE))
+        return memoryview(mmap.mmap(fd, size, access=mmap.ACCESS_COPY))
     finally:
         os.close(fd)
 

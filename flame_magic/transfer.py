@@ -462,11 +462,13 @@ class Shipper:
         checked through its map; the notebook, a result's only reader, removes it once mapped.
         """
         if blob.segment:
-            view = shm.open_segment(blob.segment, blob.size)
+
+            def read_checked(size: int, read: Callable[[int, int], Any]) -> None:
+                verify_read(size, read, blob, what)
+
+            view = shm.open_segment(blob.segment, blob.size, check=read_checked if check else None)
             if self.side == NOTEBOOK_SIDE:
                 shm.remove(blob.segment)
-            if check:
-                verify(view, blob, what)
             return view
         if self.cache is None:
             raise CacheError(
