@@ -8,6 +8,9 @@ itself when large, are stored in Flame's object cache; the message carries
 way out but into the cache: a numpy array's memory goes straight to the cache's file or
 socket.
 
+On one host (:attr:`Shipper.local`), buffers and large pickles go through shared-memory
+segments instead (:mod:`flame_magic.shm`), and the cache is the fallback when those are short.
+
 Each blob is named by a hash of its content, and a :class:`Shipper` (one per session and
 side) remembers what it has stored, and what it has received: a value unchanged since it
 last travelled is not uploaded again. The notebook names its objects

@@ -38,7 +38,17 @@ def _cache_objects(connection: Connection) -> list[str]:
     return sorted(p.name for p in folder.glob("*-*.arrow")) if folder.is_dir() else []
 
 
-def test_a_large_value_goes_both_ways_through_shared_memory(run, shell, connection):
+@pytest.fixture(params=["", "flmrun"], ids=["flame-magic's runner", "Flame's stock flmrun"])
+def runner(request, shell):  # type: ignore[no-untyped-def]
+    """Cells on flame-magic's runner (automatic), or on the embedded Flame's stock flmrun."""
+    magics = shell.magics_manager.registry["FlameMagics"]
+    saved = magics.application
+    magics.application = request.param
+    yield request.param
+    magics.application = saved
+
+
+def test_a_large_value_goes_both_ways_through_shared_memory(runner, run, shell, connection):
     assert run("%%flmrun --no-assign\nimport numpy as np").error is None  # the runner says its host
     shipper = connection.shipper()
     assert shipper.local, "the embedded Flame's runner is on this host"
