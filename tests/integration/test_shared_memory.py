@@ -30,6 +30,11 @@ def connection(shell) -> Connection:  # type: ignore[no-untyped-def]
     return shell.magics_manager.registry["FlameMagics"].connection()
 
 
+def _of(pids: set[int]) -> list[str]:
+    """The segments on this host written by ``pids`` (other users of the machine have their own)."""
+    return [name for name in shm.segments() if int(name.split("-")[0]) in pids]
+
+
 def _cache_objects(connection: Connection) -> list[str]:
     """The keys of the session's values in the embedded Flame's cache storage."""
     cache, prefix = connection.cache(), connection.shipper().key_prefix
@@ -50,6 +55,7 @@ def runner(request, shell):  # type: ignore[no-untyped-def]
 
 def test_a_large_value_goes_both_ways_through_shared_memory(runner, run, shell, connection):
     assert run("%%flmrun --no-assign\nimport numpy as np").error is None  # the runner says its host
+    pids = {os.getpid(), run("%%flmrun\nimport os\nos.getpid()").value}
     shipper = connection.shipper()
     assert shipper.local, "the embedded Flame's runner is on this host"
     before = (shipper.segments, shipper.uploads, _cache_objects(connection))
@@ -66,7 +72,7 @@ def test_a_large_value_goes_both_ways_through_shared_memory(runner, run, shell, 
     assert shipper.segments > before[0], "the input went through a segment"
     assert shipper.uploads == before[1], "nothing was uploaded to the object cache"
     assert _cache_objects(connection) == before[2], "no object of the cache holds either value"
-    assert shm.segments() == [], "the cell's segments are gone once it ended"
+    assert _of(pids) == [], "the cell's segments are gone once it ended"
 
 
 def test_the_object_cache_when_shared_memory_is_switched_off(run, shell, connection, monkeypatch):
@@ -80,7 +86,6 @@ def test_the_object_cache_when_shared_memory_is_switched_off(run, shell, connect
     assert ran.value == 3.0 * MB and shell.user_ns["cache_back"][0] == 4.0
     assert shipper.segments == segments and shipper.uploads > uploads
     assert any(name.startswith("out-") for name in _cache_objects(connection)), "the result came by the cache"
-    assert shm.segments() == []
 
 
 def test_the_object_cache_when_shared_memory_is_short(run, shell, connection, monkeypatch):
