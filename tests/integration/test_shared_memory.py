@@ -157,3 +157,16 @@ def test_stale_segments_of_a_process_that_is_gone_are_swept(tmp_path):
     assert stale in shm.sweep()
     assert mine in shm.segments() and stale not in shm.segments()
     shm.remove(mine)
+
+
+@pytest.mark.parametrize("host", ["another-boot:1:2", ""])
+def test_a_runner_on_another_host_sends_through_the_cache(host, monkeypatch):
+    from flame_magic_runner.values import Traffic
+
+    monkeypatch.delenv("FLAME_CACHE_ENDPOINT", raising=False)
+    access = cell.CacheAccess(endpoint="grpc://127.0.0.1:9", key_prefix="app/session", host=host)
+    traffic = Traffic()
+    assert not traffic.begin(cell.CellRequest(cache=access)).local  # the notebook's host is not this one
+    access.host = shm.host_id()
+    assert traffic.begin(cell.CellRequest(cache=access)).local
+    assert not traffic.begin(cell.CellRequest(cache=access, values_only=True)).local  # a --map's item
