@@ -461,8 +461,8 @@ class Shipper:
         """A blob's bytes from the cache, checked against its digest unless ``check`` is false.
 
         An object mapped from the cache's storage is checked through reads of its file, not
-        through the map: pages of a value the cell never touches stay unmapped. A segment is
-        checked through its map; the notebook, a result's only reader, removes it once mapped.
+        through the map: pages of a value the cell never touches stay unmapped. So is a
+        segment; the notebook, a result's only reader, removes it once mapped.
         """
         if blob.segment:
 
