@@ -45,6 +45,7 @@ from flame_magic.remote import AUTOMATIC, Connection
 from flame_magic.results import Prepared, RemoteRepr, Result, load_result, load_value, parse
 from flame_magic.runs import Runs
 from flame_magic.sessions import DEFAULT, Closing, SessionKey
+from flame_magic.transfer import release
 
 Show = Callable[[cell.Output], None]
 
@@ -299,10 +300,16 @@ class Engine:
         # interrupt: without a ``show``, it is kept for the result.
         streamed: list[cell.Output] = []
         grace = self.interrupt_grace
-        raw, session_id = self.runs.run(
-            prepared.request, prepared.key, show=show or streamed.append, grace=grace
-        )
-        result = load_result(raw, self.connection.load, self.runs.ask, prepared.asked, session_id)
+        try:
+            raw, session_id = self.runs.run(
+                prepared.request, prepared.key, show=show or streamed.append, grace=grace
+            )
+            try:
+                result = load_result(raw, self.connection.load, self.runs.ask, prepared.asked, session_id)
+            finally:
+                release([*raw.assigned, *([raw.value] if raw.HasField("value") else [])])
+        finally:
+            release(prepared.request.inputs)  # the cell has ended: its shared-memory segments go
         result.outputs[:0] = streamed
         return result
 
@@ -316,9 +323,12 @@ class Engine:
         on_progress: Callable[[Progress], None] | None = None,
     ) -> MapOutcome:
         """Run a prepared cell once per item; the whole outcome (see :meth:`Maps.run`)."""
-        return self.maps.run(
-            prepared, items, return_exceptions=return_exceptions, show=show, on_progress=on_progress
-        )
+        try:
+            return self.maps.run(
+                prepared, items, return_exceptions=return_exceptions, show=show, on_progress=on_progress
+            )
+        finally:
+            release(prepared.request.inputs)
 
     def start(
         self,
@@ -364,7 +374,12 @@ class Engine:
 
         def done(task: types.Task) -> Any:
             def get() -> Result:
-                return load_result(self.runs.result_of(task), self.connection.load, asked=prepared.asked)
+                release(prepared.request.inputs)
+                raw = self.runs.result_of(task)
+                try:
+                    return load_result(raw, self.connection.load, asked=prepared.asked)
+                finally:
+                    release([*raw.assigned, *([raw.value] if raw.HasField("value") else [])])
 
             return (finish or _result_or_error)(get)
 

@@ -19,7 +19,7 @@ from IPython.core.magic_arguments import argument, argument_group, magic_argumen
 from IPython.display import display
 from traitlets import Bool, Float, Int, List, Unicode
 
-from flame_magic import applications, debugger, deploy
+from flame_magic import applications, debugger, deploy, shm
 from flame_magic.cells import FIRST_BODY_LINE, fail_with_syntax_error, parse_cell, prompt_number
 from flame_magic.config import Target, resolve, target_for
 from flame_magic.engine import Engine
@@ -475,6 +475,7 @@ def load(ip: Any) -> None:
     """Register the magics once per shell and close sessions when the kernel exits."""
     if "FlameMagics" in ip.magics_manager.registry:
         return
+    shm.directory()  # removes the segments of kernels and runners that were killed
     magics = FlameMagics(ip)
     ip.register_magics(magics)
     debugger.install(ip)

@@ -225,7 +225,10 @@ class Connection:
         found = blobs([value])
         if not found:
             return codec.loads(value.pickle)
-        prefix = ObjectRef.decode(found[0].refs[0]).key.rsplit("/", 1)[0]
+        cached = [blob for blob in found if blob.refs]
+        if not cached:  # all in shared-memory segments: no session's objects to remember
+            return Shipper(self.cache(), None).load(value)
+        prefix = ObjectRef.decode(cached[0].refs[0]).key.rsplit("/", 1)[0]
         with self._lock:
             shipper = next((s for s in self._shippers.values() if s.key_prefix == prefix), None)
         # The session's shipper remembers the blobs: sent back unchanged, they are not stored again.

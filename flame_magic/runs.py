@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from flame_magic import codec, environments
+from flame_magic import codec, environments, shm
 from flame_magic.capture import check_size
 from flame_magic.client import FlameClient, failure_message
 from flame_magic.errors import (
@@ -300,6 +300,9 @@ class Runs:
             raise CellFailed(str(exc)) from None
         if result is not None:
             self.connection.environment.saw(session_id, result)
+            if result.host and self.connection.cache() is not None:
+                # A runner on this host: the session's next large inputs go through shared memory.
+                self.connection.shipper_for(session_id).local = result.host == shm.host_id()
             if result.HasField("refused"):
                 raise CellFailed(result.refused)
             return result

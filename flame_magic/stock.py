@@ -83,6 +83,7 @@ _NOTEBOOK_MODULES = (
     "codec",
     "cache",
     "transfer",
+    "shm",
     "capture",
     "errors",
     "modules",

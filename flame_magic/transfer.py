@@ -8,6 +8,9 @@ itself when large, are stored in Flame's object cache; the message carries
 way out but into the cache: a numpy array's memory goes straight to the cache's file or
 socket.
 
+On one host (:attr:`Shipper.local`), buffers and large pickles go through shared-memory
+segments instead (:mod:`flame_magic.shm`), and the cache is the fallback when those are short.
+
 Each blob is named by a hash of its content, and a :class:`Shipper` (one per session and
 side) remembers what it has stored, and what it has received: a value unchanged since it
 last travelled is not uploaded again. The notebook names its objects
@@ -34,7 +37,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from flame_magic import codec
+from flame_magic import codec, shm
 from flame_magic.errors import CacheError, DigestMismatch
 from flame_magic.objects import ObjectRef
 from flame_magic.protocol import cell
@@ -134,6 +137,12 @@ def verify(data: memoryview, blob: cell.Blob, what: str) -> None:
 def verify_read(size: int, read: Callable[[int, int], Any], blob: cell.Blob, what: str) -> None:
     """:func:`verify` of bytes that ``read(start, end)`` gives a chunk at a time."""
     if size != blob.size or digest_of(size, read) != blob.digest:
+        if blob.segment:
+            raise DigestMismatch(
+                f"Not loaded: the shared-memory segment {blob.segment} holds other bytes for {what} "
+                "than were sent (SHA-256 mismatch), so nothing of it was unpickled. A process of "
+                "your user changed it; run the cell again."
+            )
         keys = ", ".join(ObjectRef.decode(ref).key for ref in blob.refs)
         raise DigestMismatch(
             f"Not loaded: Flame's object cache holds other bytes for {what} than were sent "
@@ -195,6 +204,11 @@ class Shipper:
         Objects stored so far (a value sent again unchanged stores none).
     uploaded_bytes : int
         Their bytes.
+    local : bool
+        Whether the other side shares this host (:func:`flame_magic.shm.host_id`): buffers
+        then go through shared-memory segments, and the cache only when those are short.
+    segments : int
+        Segments written so far (their bytes in ``segment_bytes``).
     keep_bytes : int
         See :data:`KEEP_BYTES`.
     """
@@ -206,6 +220,10 @@ class Shipper:
         self.uploads = 0
         self.uploaded_bytes = 0
         self.keep_bytes = KEEP_BYTES
+        self.local = False
+        self.segments = 0
+        self.segment_bytes = 0
+        self._segments: dict[str, int] = {}  # segment written -> the request it was for
         self._known: dict[str, cell.Blob] = {}  # digest -> blob stored or received in this session
         self._stored: dict[str, int] = {}  # digest -> request that last used it, for what we stored
         self._places: dict[tuple[int, int], str] = {}  # (address, size) -> digest last shipped from there
@@ -221,14 +239,27 @@ class Shipper:
         """What the runner needs to send large results back this way."""
         if self.cache is None or not self.key_prefix:
             return None
-        return cell.CacheAccess(endpoint=self.cache.endpoint, key_prefix=self.key_prefix)
+        return cell.CacheAccess(
+            endpoint=self.cache.endpoint,
+            key_prefix=self.key_prefix,
+            host=shm.host_id() if shm.enabled() else "",
+        )
 
     # -- sending -------------------------------------------------------------------------
 
     def new_request(self) -> None:
-        """Start a new request: what it stores or loads counts as used by it (see :meth:`evict`)."""
+        """Start a new request: what it stores or loads counts as used by it (see :meth:`evict`).
+
+        Segments written for requests before the last one are removed: their reader has had
+        them (the notebook removes its own when the cell ends, see :func:`release`).
+        """
         with self._lock:
             self._request += 1
+            old = [name for name, used in self._segments.items() if used < self._request - 1]
+            for name in old:
+                del self._segments[name]
+        for name in old:
+            shm.remove(name)
 
     def evict(self) -> None:
         """Delete what this side stored beyond :attr:`keep_bytes`, least recently used first.
@@ -327,13 +358,29 @@ class Shipper:
             # and results (mostly new), likely is new: write its file while its hash (its
             # key) is computed, both at memory speed, on different cores.
             likely_unchanged = self.side == NOTEBOOK_SIDE and self._places.get(place) in self._known
-        if self.cache.storage is not None and STAGE_MIN <= size <= PART_BYTES and not likely_unchanged:
+        content = None
+        if self.local and (self.side == RUNNER_SIDE or shm.enabled()) and shm.room_for(size):
+            # Same host: the segment is written while the hash is computed, on another core.
+            writing = _writer().submit(shm.write, data)
+            try:
+                content = digest(data)
+            finally:
+                segment = writing.result()
+            if segment is not None:
+                with self._lock:
+                    self._segments[segment] = self._request
+                    self.segments += 1
+                    self.segment_bytes += size
+                return cell.Blob(size=size, digest=content, segment=segment)
+            # The segment did not fit after all: the cache takes it.
+        elif self.cache.storage is not None and STAGE_MIN <= size <= PART_BYTES and not likely_unchanged:
             staging = _writer().submit(self.cache.stage, self.key_prefix, data)
-        try:
-            content = digest(data)
-        except BaseException:
-            self._drop(staging)
-            raise
+        if content is None:
+            try:
+                content = digest(data)
+            except BaseException:
+                self._drop(staging)
+                raise
         with self._lock:
             known = self._known.get(content)
             if len(self._places) > 1000:  # a hint, not a record: start over rather than grow
@@ -403,6 +450,8 @@ class Shipper:
         loaded = codec.loads_oob(data, buffers)
         with self._lock:  # what came in need not be stored again to go back out
             for blob in [*value.buffers, *([value.cached_pickle] if value.HasField("cached_pickle") else [])]:
+                if blob.segment:
+                    continue  # removed when the cell ends: not there to send again
                 self._known.setdefault(blob.digest, blob)
                 if blob.digest in self._stored:  # ours, sent back: in use again
                     self._stored[blob.digest] = self._request
@@ -412,8 +461,18 @@ class Shipper:
         """A blob's bytes from the cache, checked against its digest unless ``check`` is false.
 
         An object mapped from the cache's storage is checked through reads of its file, not
-        through the map: pages of a value the cell never touches stay unmapped.
+        through the map: pages of a value the cell never touches stay unmapped. So is a
+        segment; the notebook, a result's only reader, removes it once mapped.
         """
+        if blob.segment:
+
+            def read_checked(size: int, read: Callable[[int, int], Any]) -> None:
+                verify_read(size, read, blob, what)
+
+            view = shm.open_segment(blob.segment, blob.size, check=read_checked if check else None)
+            if self.side == NOTEBOOK_SIDE:
+                shm.remove(blob.segment)
+            return view
         if self.cache is None:
             raise CacheError(
                 "A value came by reference through Flame's object cache, but no cache is configured "
@@ -476,8 +535,18 @@ class Shipper:
             self._known.clear()
             self._stored.clear()
             self._places.clear()
+            segments, self._segments = list(self._segments), {}
+        for name in segments:
+            shm.remove(name)
         if self.cache is not None and self.key_prefix:
             self.cache.delete(self.key_prefix)
+
+
+def release(values: Iterable[cell.Value]) -> None:
+    """Remove the shared-memory segments the values refer to (their cell has ended)."""
+    for blob in blobs(values):
+        if blob.segment:
+            shm.remove(blob.segment)
 
 
 def blobs(values: Iterable[cell.Value]) -> list[cell.Blob]:

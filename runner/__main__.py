@@ -181,7 +181,10 @@ def main() -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    from flame_magic import shm
     from flame_magic_runner import evaluate
+
+    shm.directory()  # removes the segments of runners and kernels that were killed
 
     # Cells import modules from the working directory first, as in a notebook; the runner's
     # own modules are loaded by now, so a file there can no longer shadow them.

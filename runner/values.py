@@ -15,7 +15,7 @@ import os
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from flame_magic import codec
+from flame_magic import codec, shm
 from flame_magic.cache import CacheClient, CacheError
 from flame_magic.protocol import cell
 from flame_magic.transfer import Outgoing, Shipper
@@ -39,7 +39,12 @@ class Traffic:
 
     def begin(self, request: cell.CellRequest) -> Shipper:
         """Start a cell: choose how its values travel, and count what it uses as in use."""
-        self.shipper = self._shipper_for(request.cache if request.HasField("cache") else None)
+        access = request.cache if request.HasField("cache") else None
+        self.shipper = self._shipper_for(access)
+        # Results through shared memory when the notebook is on this host; not a --map's,
+        # whose results the notebook may read after this runner's later items.
+        here = shm.host_id()
+        self.shipper.local = bool(access and here and access.host == here and not request.values_only)
         self.shipper.new_request()
         return self.shipper
 
@@ -68,6 +73,7 @@ class Traffic:
                     os.environ.get("FLAME_CACHE_STORAGE") if os.environ.get("FLAME_CACHE_ENDPOINT") else None
                 )
                 self._caches[endpoint] = CacheClient(endpoint, os.environ.get("FLAME_CA_FILE"), storage)
+            shm.sweep()  # a new session: segments of runners killed since this one started go
             # Without a prefix the notebook cannot read the cache: values come in, none go out.
             self._shippers[(endpoint, prefix)] = Shipper(self._caches[endpoint], prefix or None, RUNNER_SIDE)
         return self._shippers[(endpoint, prefix)]
@@ -129,6 +135,7 @@ class Traffic:
             Bytes of printed text already left out while recording.
         """
         if self.shipper.enabled:
+            result.host = shm.host_id()  # the notebook sends through shared memory if it is its own
             self._by_reference(result)
         fit_to_limit(result, RESULT_LIMIT, dropped=dropped, cache=self.shipper.enabled)
         self.shipper.evict()

@@ -23,14 +23,16 @@ class SessionHello(_message.Message):
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ...) -> None: ...
 
 class Blob(_message.Message):
-    __slots__ = ("size", "digest", "refs")
+    __slots__ = ("size", "digest", "refs", "segment")
     SIZE_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
     REFS_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
     size: int
     digest: str
     refs: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, size: _Optional[int] = ..., digest: _Optional[str] = ..., refs: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    segment: str
+    def __init__(self, size: _Optional[int] = ..., digest: _Optional[str] = ..., refs: _Optional[_Iterable[bytes]] = ..., segment: _Optional[str] = ...) -> None: ...
 
 class Value(_message.Message):
     __slots__ = ("name", "pickle", "buffers", "cached_pickle")
@@ -45,12 +47,14 @@ class Value(_message.Message):
     def __init__(self, name: _Optional[str] = ..., pickle: _Optional[bytes] = ..., buffers: _Optional[_Iterable[_Union[Blob, _Mapping]]] = ..., cached_pickle: _Optional[_Union[Blob, _Mapping]] = ...) -> None: ...
 
 class CacheAccess(_message.Message):
-    __slots__ = ("endpoint", "key_prefix")
+    __slots__ = ("endpoint", "key_prefix", "host")
     ENDPOINT_FIELD_NUMBER: _ClassVar[int]
     KEY_PREFIX_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
     endpoint: str
     key_prefix: str
-    def __init__(self, endpoint: _Optional[str] = ..., key_prefix: _Optional[str] = ...) -> None: ...
+    host: str
+    def __init__(self, endpoint: _Optional[str] = ..., key_prefix: _Optional[str] = ..., host: _Optional[str] = ...) -> None: ...
 
 class Module(_message.Message):
     __slots__ = ("name", "digest", "package", "filename", "source", "blob")
@@ -233,7 +237,7 @@ class NotReturned(_message.Message):
     def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CellResult(_message.Message):
-    __slots__ = ("header", "outputs", "result", "value", "assigned", "not_returned", "error", "refused", "packages", "streamed", "debug")
+    __slots__ = ("header", "outputs", "result", "value", "assigned", "not_returned", "error", "refused", "packages", "streamed", "debug", "host")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +249,7 @@ class CellResult(_message.Message):
     PACKAGES_FIELD_NUMBER: _ClassVar[int]
     STREAMED_FIELD_NUMBER: _ClassVar[int]
     DEBUG_FIELD_NUMBER: _ClassVar[int]
+    HOST_FIELD_NUMBER: _ClassVar[int]
     header: Header
     outputs: _containers.RepeatedCompositeFieldContainer[Output]
     result: MimeBundle
@@ -256,4 +261,5 @@ class CellResult(_message.Message):
     packages: _containers.RepeatedCompositeFieldContainer[Package]
     streamed: bool
     debug: DebugFrames
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Output, _Mapping]]] = ..., result: _Optional[_Union[MimeBundle, _Mapping]] = ..., value: _Optional[_Union[Value, _Mapping]] = ..., assigned: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., not_returned: _Optional[_Iterable[_Union[NotReturned, _Mapping]]] = ..., error: _Optional[_Union[RemoteException, _Mapping]] = ..., refused: _Optional[str] = ..., packages: _Optional[_Iterable[_Union[Package, _Mapping]]] = ..., streamed: _Optional[bool] = ..., debug: _Optional[_Union[DebugFrames, _Mapping]] = ...) -> None: ...
+    host: str
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Output, _Mapping]]] = ..., result: _Optional[_Union[MimeBundle, _Mapping]] = ..., value: _Optional[_Union[Value, _Mapping]] = ..., assigned: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., not_returned: _Optional[_Iterable[_Union[NotReturned, _Mapping]]] = ..., error: _Optional[_Union[RemoteException, _Mapping]] = ..., refused: _Optional[str] = ..., packages: _Optional[_Iterable[_Union[Package, _Mapping]]] = ..., streamed: _Optional[bool] = ..., debug: _Optional[_Union[DebugFrames, _Mapping]] = ..., host: _Optional[str] = ...) -> None: ...

@@ -12,12 +12,19 @@ from collections.abc import Iterator
 
 import pytest
 
+from flame_magic import shm
 from flame_magic.cache import CacheClient, ObjectRef, flight_location
 from flame_magic.remote import Connection
 
 np = pytest.importorskip("numpy", reason="numpy (in the test extra) makes the large arrays")
 
 MB = 1024 * 1024
+
+
+@pytest.fixture(autouse=True)
+def _through_the_cache(monkeypatch):  # type: ignore[no-untyped-def]
+    """These tests are of the object cache: shared memory (tests/integration/test_shared_memory.py) off."""
+    monkeypatch.setenv(shm.SWITCH, "0")
 
 
 @pytest.fixture

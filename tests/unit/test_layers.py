@@ -28,6 +28,7 @@ NOTEBOOK = {
     # transport: reaching Flame, its object cache and its applications
     "flame_magic.client": TRANSPORT,
     "flame_magic.cache": TRANSPORT,
+    "flame_magic.shm": TRANSPORT,  # large values through shared memory on one host
     "flame_magic.transfer": TRANSPORT,
     "flame_magic.config": TRANSPORT,
     "flame_magic.applications": TRANSPORT,
