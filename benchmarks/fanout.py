@@ -3,8 +3,9 @@
 Usage: python benchmarks/fanout.py [--items N] [--repeat R] [--load] [--json]
 
 1. ``%%flmrun --map x=xs --into out --instances 2`` with a cell that returns ``x``, on the
-   embedded Flame, through an in-process IPython shell (progress display included): each
-   item is its own Flame task, sent and followed through Flame's Frontend protocol.
+   embedded Flame, through an in-process IPython shell (progress display included): the
+   items go in batches, several per Flame task (see ``flame_magic.fanout``), sent and
+   followed through Flame's Frontend protocol.
 2. ipyparallel's load-balanced ``view.map_sync`` on a local cluster of 2 engines.
 3. Dask's ``client.gather(client.map(..., pure=False))`` on a LocalCluster of 2 worker
    processes with one thread each (``pure=False``: no result is reused between runs).
