@@ -24,6 +24,7 @@ one more than the instances.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import queue
 import threading
@@ -55,10 +56,14 @@ WATCH_BATCH = 8
 # Seconds without a finished item, while items wait to be watched, before another watcher starts.
 STALL_SECONDS = 0.05
 # What a batch of items should take on its runner, and the most items in one.
-BATCH_SECONDS = 0.03
+BATCH_SECONDS = 0.05
 MAX_BATCH = 512
 # A batch's results share one task output: room for this many times the largest item's result.
 RESULT_ROOM = 4
+# How much larger a batch may be than the largest before it (a noisy rate grows it gradually).
+GROWTH = 4
+# The batches whose ends measure the rate.
+RECENT_BATCHES = 8
 
 
 class _NotDone:
@@ -269,8 +274,8 @@ class MapRun:
         self._head: LiveChannel | None = None  # the channel of item _shown, while it runs
         self._halted = False  # stop() was called: end as if interrupted
         self._ended = False
-        # The rate since the first batch finished (the session's start left out), for the batch size.
-        self._first_done: tuple[float, int] | None = None
+        # (time, items done) at the last batches' ends: the recent rate sizes the next batches.
+        self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=RECENT_BATCHES)
         self._fixed_batch = batch_size
         self._batch = batch_size or 1  # the largest batch sent
         self._result_bytes = 0  # the largest result of one item
@@ -342,19 +347,20 @@ class MapRun:
                         return
                     if self._exhausted and self._done >= self._sent:
                         return
-                    room = self._window() - (self._sent - self._done)
-                    if not self._exhausted and room > 0:
+                    size = self._batch_size()
+                    room = self._window(size) - (self._sent - self._done)
+                    if not self._exhausted and room >= size:
                         break
                     now = time.monotonic()
                     if now >= next_report:
                         break
                     self._cond.wait(min(next_report - now, STALL_SECONDS))
                     self._unstall()
-            if not self._exhausted and room > 0:
-                burst = self._take(room)
+            if not self._exhausted and room >= size:
+                burst = self._take(room // size * size)  # whole batches only
                 if burst is None:
                     return
-                batches = self._batches(burst)
+                batches = self._batches(burst, size)
                 inputs = [batch_input(self._shared, batch) for batch in batches]
                 if self._task_input is not None:
                     inputs = [self._task_input(data) for data in inputs]
@@ -374,9 +380,8 @@ class MapRun:
                 if self._on_progress is not None:
                     self._on_progress(self._progress())
 
-    def _batches(self, items: list[bytes]) -> list[list[bytes]]:
-        """``items`` cut in batches of the current size, each within the task limit."""
-        size = self._batch_size()
+    def _batches(self, items: list[bytes], size: int) -> list[list[bytes]]:
+        """``items`` cut in batches of ``size``, each within the task limit."""
         batches: list[list[bytes]] = []
         used = self._limit  # no batch yet
         for item in items:
@@ -390,23 +395,24 @@ class MapRun:
     def _batch_size(self) -> int:
         """Items per task: about :data:`BATCH_SECONDS` of a runner's time at the measured rate.
 
-        One until a batch finished; at most twice the largest so far, and as many as the
-        largest result seen leaves room for in one task output.
+        One until two batches finished; at most :data:`GROWTH` times the largest so far, and as many as
+        the largest result seen leaves room for in one task output. The measured time per
+        item includes Flame's cost per task, which larger batches share: batches grow
+        until that cost is small beside the items' own.
         """
         if self._fixed_batch is not None:
             return self._fixed_batch
         with self._cond:
-            first = self._first_done
-            done = self._done
+            if len(self._recent) < 2:
+                return 1
+            (start, before), (end, after) = self._recent[0], self._recent[-1]
             result_bytes = self._result_bytes
-        if first is None or done <= first[1]:
-            return 1
-        busy = (time.monotonic() - first[0]) * self.instances  # runner-seconds since
-        per_item = busy / (done - first[1])
+        busy = (end - start) * self.instances  # runner-seconds
+        per_item = busy / (after - before)
         size = MAX_BATCH if per_item <= 0 else int(BATCH_SECONDS / per_item)
         if result_bytes:
             size = min(size, PAYLOAD_LIMIT // (RESULT_ROOM * result_bytes))
-        size = max(1, min(size, MAX_BATCH, 2 * self._batch))
+        size = max(1, min(size, MAX_BATCH, GROWTH * self._batch))
         self._batch = max(self._batch, size)
         return size
 
@@ -478,12 +484,12 @@ class MapRun:
         self._watchers.append(watcher)
         watcher.start()
 
-    def _window(self) -> int:
-        """How many items may be in flight (sent and not finished)."""
+    def _window(self, size: int) -> int:
+        """How many items may be in flight (sent and not finished), in batches of ``size``."""
         elapsed = time.monotonic() - self._started
         rate = self._done / elapsed if elapsed > 0 else 0.0
         ahead = min(MAX_AHEAD, int(rate * AHEAD_SECONDS))
-        return self.instances * (1 + AHEAD_PER_INSTANCE) * self._batch + ahead
+        return self.instances * (1 + AHEAD_PER_INSTANCE) * size + ahead
 
     def _progress(self) -> Progress:
         return Progress(
@@ -541,9 +547,8 @@ class MapRun:
         outcomes = self._outcomes(task, count)
         with self._cond:
             now = time.monotonic()
-            if self._first_done is None:
-                self._first_done = (now, self._done + count)
             self._done += count
+            self._recent.append((now, self._done))
             self._last_done = now
             for index, (value, error, result) in enumerate(outcomes, first):
                 if error is not None:
