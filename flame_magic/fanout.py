@@ -361,6 +361,7 @@ class MapRun:
                 if burst is None:
                     return
                 batches = self._batches(burst, size)
+                self._batch = max(self._batch, size)
                 inputs = [batch_input(self._shared, batch) for batch in batches]
                 if self._task_input is not None:
                     inputs = [self._task_input(data) for data in inputs]
@@ -395,10 +396,10 @@ class MapRun:
     def _batch_size(self) -> int:
         """Items per task: about :data:`BATCH_SECONDS` of a runner's time at the measured rate.
 
-        One until two batches finished; at most :data:`GROWTH` times the largest so far, and as many as
-        the largest result seen leaves room for in one task output. The measured time per
-        item includes Flame's cost per task, which larger batches share: batches grow
-        until that cost is small beside the items' own.
+        One until two batches finished; at most :data:`GROWTH` times the largest sent so far,
+        and as many as the largest result seen leaves room for in one task output. The
+        measured time per item includes Flame's cost per task, which larger batches share:
+        batches grow until that cost is small beside the items' own.
         """
         if self._fixed_batch is not None:
             return self._fixed_batch
@@ -412,9 +413,7 @@ class MapRun:
         size = MAX_BATCH if per_item <= 0 else int(BATCH_SECONDS / per_item)
         if result_bytes:
             size = min(size, PAYLOAD_LIMIT // (RESULT_ROOM * result_bytes))
-        size = max(1, min(size, MAX_BATCH, GROWTH * self._batch))
-        self._batch = max(self._batch, size)
-        return size
+        return max(1, min(size, MAX_BATCH, GROWTH * self._batch))
 
     def _take(self, room: int) -> list[bytes] | None:
         """Up to ``room`` more payloads, with a place in the results; None if the items' iterator failed."""
@@ -488,7 +487,8 @@ class MapRun:
         """How many items may be in flight (sent and not finished), in batches of ``size``."""
         elapsed = time.monotonic() - self._started
         rate = self._done / elapsed if elapsed > 0 else 0.0
-        ahead = min(MAX_AHEAD, int(rate * AHEAD_SECONDS))
+        # At most one more batch per instance: while batches grow, few go at the small size.
+        ahead = min(MAX_AHEAD, int(rate * AHEAD_SECONDS), self.instances * size)
         return self.instances * (1 + AHEAD_PER_INSTANCE) * size + ahead
 
     def _progress(self) -> Progress:
