@@ -94,7 +94,7 @@ def installs(client, application_prefix: str) -> int:
     """How many times the embedded Flame installed an environment of ``application_prefix``."""
     code = (
         "import pathlib\n"
-        "_flame = get_ipython().find_cell_magic('flmrun').__self__._connection._embedded\n"
+        "_flame = get_ipython().find_cell_magic('flmrun').__self__._engine.connection._embedded\n"
         f"sum(p.read_text().count('$ ') for p in (pathlib.Path(_flame.state_dir) / 'logs' / 'install')"
         f".glob({application_prefix + '-env-*.log'!r}))"
     )
