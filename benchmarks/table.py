@@ -157,9 +157,12 @@ def rows(quiet: dict[str, Any], loaded: dict[str, Any]) -> list[tuple[str, str, 
             f"{f['q']['flmrun']:.0f}",
             f"{f['l']['flmrun']:.0f}",
             ", ".join(f"{p} {f['q'][p]:.0f} / {f['l'][p]:.0f}" for p in ("dask", "ipyparallel")),
-            ">= 1000, ahead of both",
+            ">= 3000, >= 5x Dask, ahead of ipyparallel",
             all(
-                f[x]["flmrun"] >= 1000 and f[x]["flmrun"] > max(f[x]["dask"], f[x]["ipyparallel"]) for x in f
+                f[x]["flmrun"] >= 3000
+                and f[x]["flmrun"] >= 5 * f[x]["dask"]
+                and f[x]["flmrun"] > f[x]["ipyparallel"]
+                for x in f
             ),
         )
     )

@@ -42,7 +42,9 @@ from flame_magic.protocol import cell
 # 4: the wire contract written once (flame_magic.wire, flame_magic.objects): the last value in
 #    one field (CellResult.value), the interrupt a message (Interrupt), every blob's SHA-256
 #    digest checked before its bytes are loaded (Blob.digest, Module.digest).
-PROTOCOL_VERSION = 4
+# 5: --map items in batches, several per task (CellRequest.items, stop_at_error; CellResult.items);
+#    values through shared memory on one host (Blob.segment, CacheAccess.host, CellResult.host).
+PROTOCOL_VERSION = 5
 PYTHON_VERSION = f"{sys.version_info.major}.{sys.version_info.minor}"
 CLOUDPICKLE_VERSION: str = cloudpickle.__version__
 

@@ -1,14 +1,18 @@
-"""Fan-out: one cell run once per item of an iterable, each item a Flame task of one session.
+"""Fan-out: one cell run once per item of an iterable, the items in batches, each a Flame task.
 
-The cell's shared inputs are pickled and encoded once; each item's task input is those
-bytes followed by the encoding of one more ``Value`` (protobuf merges concatenated
-messages, so the runner reads one CellRequest whose inputs end with the item).
+The cell's shared inputs are pickled and encoded once; a batch's task input is those bytes
+followed by the encoding of each of its items as one ``MapItem`` (protobuf merges
+concatenated messages, so the runner reads one CellRequest whose ``items`` are the batch).
+The runner runs the cell once per item and returns one CellResult per item in one output.
+A batch starts at one item, so that the first results show at once, and grows with the
+measured time per item until a task takes about :data:`BATCH_SECONDS`: quick items pay
+Flame's cost per task once per batch, slow ones still go one by one.
 
 Flame has no CancelTask, and ``CloseSession`` is refused while any task runs; a runner that
 finishes a task is given the next pending one at once, so a session full of pending items
 could only be closed once all of them ran. Items are therefore sent as a moving window:
-three per instance, plus a quarter of a second's worth at the measured rate. The window
-keeps every runner busy, and is all that still runs after an interrupt or a failure.
+three batches per instance, plus a quarter of a second's worth at the measured rate. The
+window keeps every runner busy, and is all that still runs after an interrupt or a failure.
 
 The thread that runs :meth:`MapRun.run` (the one a KeyboardInterrupt reaches) sends items,
 several CreateTask calls in flight at once, and reports progress. Watcher threads follow
@@ -20,6 +24,7 @@ one more than the instances.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import queue
 import threading
@@ -34,7 +39,7 @@ from flame_magic.client import FlameClient
 from flame_magic.debugger import remote_failure
 from flame_magic.errors import CellFailed, FlameError, ShipError, WaitStopped
 from flame_magic.protocol import TERMINAL_TASK_STATES, cell, types
-from flame_magic.wire import item_channel
+from flame_magic.wire import PAYLOAD_LIMIT, item_channel
 
 if TYPE_CHECKING:
     from flame_magic.live import LiveChannel
@@ -50,6 +55,15 @@ PROGRESS_INTERVAL = 0.2
 WATCH_BATCH = 8
 # Seconds without a finished item, while items wait to be watched, before another watcher starts.
 STALL_SECONDS = 0.05
+# What a batch of items should take on its runner, and the most items in one.
+BATCH_SECONDS = 0.05
+MAX_BATCH = 512
+# A batch's results share one task output: room for this many times the largest item's result.
+RESULT_ROOM = 4
+# How much larger a batch may be than the largest before it (a noisy rate grows it gradually).
+GROWTH = 4
+# The batches whose ends measure the rate.
+RECENT_BATCHES = 8
 
 
 class _NotDone:
@@ -122,7 +136,8 @@ class MapOutcome:
 def item_payloads(
     shared: bytes, name: str, items: Iterable[Any], limit: int, channel: str = ""
 ) -> list[bytes]:
-    """The task input of every item: the encoded shared request, then the item as one more input.
+    """Each item encoded as a ``CellRequest`` of one ``MapItem``, to follow the encoded ``shared``
+    request in a batch's task input (see :func:`batch_input`).
 
     With ``channel``, item ``i`` streams its live output to channel ``<channel>-<i>``.
 
@@ -147,18 +162,24 @@ def iter_item_payloads(
                 f"Cannot send item {index} ({kind}) of the map to the Flame runner: {exc}. "
                 "Map over picklable values (e.g. file names or parameters) and create the rest in the cell."
             ) from None
-        own = cell.CellRequest(inputs=[cell.Value(name=name, pickle=pickled)])
+        own = cell.MapItem(value=cell.Value(name=name, pickle=pickled))
         if channel:
             own.channel = item_channel(channel, index)
-        payload = shared + own.SerializeToString()
-        if len(payload) > limit:
+        payload = cell.CellRequest(items=[own]).SerializeToString()
+        size = len(shared) + len(payload)
+        if size > limit:
             raise ShipError(
-                f"Item {index} of the map would send {format_size(len(payload))} to Flame (the cell's "
+                f"Item {index} of the map would send {format_size(size)} to Flame (the cell's "
                 f"shared inputs are {format_size(len(shared))}), over its {format_size(limit)} limit "
                 "for a task. Map over smaller items (e.g. file names or slices' bounds) and load the "
                 "data inside the cell."
             )
         yield payload
+
+
+def batch_input(shared: bytes, items: Sequence[bytes]) -> bytes:
+    """The task input of a batch: the encoded shared request, then its items (:func:`item_payloads`)."""
+    return shared + b"".join(items)
 
 
 class MapRun:
@@ -170,8 +191,10 @@ class MapRun:
         The Flame client.
     session_id
         The session the items run in (its max_instances bounds the parallelism).
+    shared
+        The encoded CellRequest of the cell, which each batch's task input starts with.
     payloads
-        Each item's task input (see :func:`item_payloads`): a sequence, or an iterator of
+        Each item's encoding (see :func:`item_payloads`): a sequence, or an iterator of
         unknown length, read as the window moves (the progress then has no total until it ends).
     instances
         The session's max_instances, to size the window of items in flight.
@@ -189,12 +212,19 @@ class MapRun:
     live
         The live channel of item ``i`` (see :func:`item_payloads`), or None: what the item at
         the head of the order prints while it runs is shown at once, polled with the progress.
+    task_input
+        Wraps a batch's CellRequest for the session's runner (see ``Backend.task_input``).
+    limit
+        The bytes a task input may take (each item alone was checked against it).
+    batch_size
+        Items per task; None: sized as the map goes (see the module docstring).
     """
 
     def __init__(
         self,
         client: FlameClient,
         session_id: str,
+        shared: bytes,
         payloads: Iterable[bytes],
         instances: int,
         result_of: Callable[[types.Task], cell.CellResult],
@@ -203,9 +233,18 @@ class MapRun:
         on_progress: Callable[[Progress], None] | None = None,
         show: Callable[[cell.Output], None] | None = None,
         live: Callable[[int], LiveChannel | None] | None = None,
+        task_input: Callable[[bytes], bytes] | None = None,
+        limit: int = PAYLOAD_LIMIT,
+        batch_size: int | None = None,
     ) -> None:
         self.client = client
         self.session_id = session_id
+        # Stopping at a failure: a failed item also ends its batch on the runner (protobuf
+        # merges the flag into the shared request).
+        stop = cell.CellRequest(stop_at_error=True).SerializeToString() if stop_at_failure else b""
+        self._shared = shared + stop
+        self._task_input = task_input
+        self._limit = limit
         self._payloads = iter(payloads)
         self._total: int | None = len(payloads) if isinstance(payloads, Sequence) else None
         self._exhausted = self._total == 0
@@ -219,7 +258,8 @@ class MapRun:
         self._outputs: dict[int, cell.CellResult] = {}
         self._cond = threading.Condition()
         self._stop = threading.Event()
-        self._queue: queue.SimpleQueue[tuple[int, str] | None] = queue.SimpleQueue()
+        # (index of the batch's first item, its items, its task)
+        self._queue: queue.SimpleQueue[tuple[int, int, str] | None] = queue.SimpleQueue()
         self._done = 0
         self._failed = 0
         self._failure: tuple[int, BaseException] | None = None
@@ -234,6 +274,11 @@ class MapRun:
         self._head: LiveChannel | None = None  # the channel of item _shown, while it runs
         self._halted = False  # stop() was called: end as if interrupted
         self._ended = False
+        # (time, items done) at the last batches' ends: the recent rate sizes the next batches.
+        self._recent: collections.deque[tuple[float, int]] = collections.deque(maxlen=RECENT_BATCHES)
+        self._fixed_batch = batch_size
+        self._batch = batch_size or 1  # the largest batch sent
+        self._result_bytes = 0  # the largest result of one item
 
     def run(self) -> MapOutcome:
         """Run every item; return what finished, also when interrupted (then ``interrupted`` is set)."""
@@ -302,22 +347,29 @@ class MapRun:
                         return
                     if self._exhausted and self._done >= self._sent:
                         return
-                    room = self._window() - (self._sent - self._done)
-                    if not self._exhausted and room > 0:
+                    size = self._batch_size()
+                    room = self._window(size) - (self._sent - self._done)
+                    if not self._exhausted and room >= size:
                         break
                     now = time.monotonic()
                     if now >= next_report:
                         break
                     self._cond.wait(min(next_report - now, STALL_SECONDS))
                     self._unstall()
-            if not self._exhausted and room > 0:
-                burst = self._take(room)
+            if not self._exhausted and room >= size:
+                burst = self._take(room // size * size)  # whole batches only
                 if burst is None:
                     return
+                batches = self._batches(burst, size)
+                self._batch = max(self._batch, size)
+                inputs = [batch_input(self._shared, batch) for batch in batches]
+                if self._task_input is not None:
+                    inputs = [self._task_input(data) for data in inputs]
                 try:
-                    for task in self.client.create_tasks(self.session_id, burst):
-                        self._queue.put((self._sent, task.metadata.id))
-                        self._sent += 1
+                    tasks = self.client.create_tasks(self.session_id, inputs)
+                    for task, batch in zip(tasks, batches, strict=True):
+                        self._queue.put((self._sent, len(batch), task.metadata.id))
+                        self._sent += len(batch)
                 except FlameError as exc:
                     with self._cond:
                         self._fatal = exc
@@ -328,6 +380,40 @@ class MapRun:
                 self._show_in_order()
                 if self._on_progress is not None:
                     self._on_progress(self._progress())
+
+    def _batches(self, items: list[bytes], size: int) -> list[list[bytes]]:
+        """``items`` cut in batches of ``size``, each within the task limit."""
+        batches: list[list[bytes]] = []
+        used = self._limit  # no batch yet
+        for item in items:
+            if not batches or len(batches[-1]) >= size or used + len(item) > self._limit:
+                batches.append([])
+                used = len(self._shared)
+            batches[-1].append(item)
+            used += len(item)
+        return batches
+
+    def _batch_size(self) -> int:
+        """Items per task: about :data:`BATCH_SECONDS` of a runner's time at the measured rate.
+
+        One until two batches finished; at most :data:`GROWTH` times the largest sent so far,
+        and as many as the largest result seen leaves room for in one task output. The
+        measured time per item includes Flame's cost per task, which larger batches share:
+        batches grow until that cost is small beside the items' own.
+        """
+        if self._fixed_batch is not None:
+            return self._fixed_batch
+        with self._cond:
+            if len(self._recent) < 2:
+                return 1
+            (start, before), (end, after) = self._recent[0], self._recent[-1]
+            result_bytes = self._result_bytes
+        busy = (end - start) * self.instances  # runner-seconds
+        per_item = busy / (after - before)
+        size = MAX_BATCH if per_item <= 0 else int(BATCH_SECONDS / per_item)
+        if result_bytes:
+            size = min(size, PAYLOAD_LIMIT // (RESULT_ROOM * result_bytes))
+        return max(1, min(size, MAX_BATCH, GROWTH * self._batch))
 
     def _take(self, room: int) -> list[bytes] | None:
         """Up to ``room`` more payloads, with a place in the results; None if the items' iterator failed."""
@@ -397,12 +483,13 @@ class MapRun:
         self._watchers.append(watcher)
         watcher.start()
 
-    def _window(self) -> int:
-        """How many items may be in flight (sent and not finished)."""
+    def _window(self, size: int) -> int:
+        """How many items may be in flight (sent and not finished), in batches of ``size``."""
         elapsed = time.monotonic() - self._started
         rate = self._done / elapsed if elapsed > 0 else 0.0
-        ahead = min(MAX_AHEAD, int(rate * AHEAD_SECONDS))
-        return self.instances * (1 + AHEAD_PER_INSTANCE) + ahead
+        # At most one more batch per instance: while batches grow, few go at the small size.
+        ahead = min(MAX_AHEAD, int(rate * AHEAD_SECONDS), self.instances * size)
+        return self.instances * (1 + AHEAD_PER_INSTANCE) * size + ahead
 
     def _progress(self) -> Progress:
         return Progress(
@@ -437,43 +524,61 @@ class MapRun:
                     self._cond.notify_all()
                 return
 
-    def _collect(self, jobs: list[tuple[int, str]]) -> None:
+    def _collect(self, jobs: list[tuple[int, int, str]]) -> None:
         # Behind (several tasks to follow): they have probably finished, and GetTasks made
         # together cost less than watches made one by one. Caught up (one task): watch it.
         found: list[types.Task | None] = [None] * len(jobs)
         if len(jobs) > 1:
-            found = list(self.client.get_tasks(self.session_id, [task_id for _, task_id in jobs]))
+            found = list(self.client.get_tasks(self.session_id, [task_id for _, _, task_id in jobs]))
         unfinished = []
         for job, task in zip(jobs, found, strict=True):
             if task is None or task.status.state not in TERMINAL_TASK_STATES:
                 unfinished.append(job)
             else:
-                self._record(job[0], task)
-        for index, task_id in unfinished:
-            self._record(index, self.client.wait_task(self.session_id, task_id, stop=self._stop))
+                self._record(job[0], job[1], task)
+        for index, count, task_id in unfinished:
+            self._record(index, count, self.client.wait_task(self.session_id, task_id, stop=self._stop))
 
-    def _record(self, index: int, task: types.Task) -> None:
-        value, error, result = self._outcome(task)
+    def _record(self, first: int, count: int, task: types.Task) -> None:
+        """Record a finished batch: each item's outcome in its place.
+
+        Items the runner did not run (the batch stopped at a failure) stay :data:`NOT_DONE`.
+        """
+        outcomes = self._outcomes(task, count)
         with self._cond:
-            self._done += 1
-            self._last_done = time.monotonic()
-            if error is not None:
-                self._failed += 1
-                self._results[index] = error
-                if self._failure is None:
-                    self._failure = (index, error)
-            else:
-                self._results[index] = value
-            if result is not None and (len(result.outputs) > 0 or result.streamed):
-                self._outputs[index] = result
+            now = time.monotonic()
+            self._done += count
+            self._recent.append((now, self._done))
+            self._last_done = now
+            for index, (value, error, result) in enumerate(outcomes, first):
+                if error is not None:
+                    self._failed += 1
+                    self._results[index] = error
+                    if self._failure is None:
+                        self._failure = (index, error)
+                else:
+                    self._results[index] = value
+                if result is not None:
+                    self._result_bytes = max(self._result_bytes, result.ByteSize())
+                    if len(result.outputs) > 0 or result.streamed:
+                        self._outputs[index] = result
             self._cond.notify_all()
 
-    def _outcome(self, task: types.Task) -> tuple[Any, BaseException | None, cell.CellResult | None]:
-        """The item's value, or its exception, and its CellResult if the runner gave one."""
+    def _outcomes(
+        self, task: types.Task, count: int
+    ) -> list[tuple[Any, BaseException | None, cell.CellResult | None]]:
+        """Each item's value, or its exception, and its CellResult, for the items the runner ran."""
         try:
-            result = self._result_of(task)
-        except CellFailed as exc:
-            return None, exc, None
+            batch = self._result_of(task)
+        except CellFailed as exc:  # the whole batch: the runner gave no result
+            return [(None, exc, None)] * count
+        if len(batch.items) == 0:
+            lost = CellFailed("The runner returned no result for this item's batch of the map.")
+            return [(None, lost, None)] * count
+        return [self._outcome(result) for result in batch.items[:count]]
+
+    def _outcome(self, result: cell.CellResult) -> tuple[Any, BaseException | None, cell.CellResult | None]:
+        """One item's value, or its exception, and its CellResult."""
         if result.HasField("error"):
             return None, remote_failure(result.error), result
         try:

@@ -1,4 +1,4 @@
-"""A cell mapped over items: each item a task of one session, results in input order.
+"""A cell mapped over items, in batches of items per task of one session; results in input order.
 
 :class:`Maps` sends a prepared cell's items through :class:`flame_magic.fanout.MapRun`
 (the window of tasks and their watchers), watches for runners that do not start, and
@@ -67,16 +67,10 @@ class Maps:
         channel = uuid.uuid4().hex if prepared.request.HasField("cache") and show is not None else ""
         payloads: Iterable[bytes]
         if isinstance(items, list):  # every item is checked before any is sent
-            payloads = [
-                self.runs.task_input(session_id, payload)
-                for payload in item_payloads(shared, prepared.item, items, TASK_INPUT_LIMIT, channel)
-            ]
+            payloads = item_payloads(shared, prepared.item, items, TASK_INPUT_LIMIT, channel)
         else:  # read as the map goes; the items seen are kept for the messages
-            payloads = (
-                self.runs.task_input(session_id, payload)
-                for payload in iter_item_payloads(
-                    shared, prepared.item, _kept(items, seen), TASK_INPUT_LIMIT, channel
-                )
+            payloads = iter_item_payloads(
+                shared, prepared.item, _kept(items, seen), TASK_INPUT_LIMIT, channel
             )
         client = connection.client()
         runners = RunnerCount(client, session_id)
@@ -96,6 +90,7 @@ class Maps:
         run = MapRun(
             client,
             session_id,
+            shared,
             payloads,
             prepared.key.instances,
             result_of=self.runs.result_of,
@@ -104,6 +99,8 @@ class Maps:
             on_progress=progress,
             show=show,
             live=live if channel else None,
+            task_input=lambda data: self.runs.task_input(session_id, data),
+            limit=TASK_INPUT_LIMIT,
         )
         if started is not None:
             started(run)

@@ -77,6 +77,8 @@ for _feature in __future__.all_feature_names:
     _FUTURE_FLAGS |= getattr(__future__, _feature).compiler_flag
 
 _MISSING = object()
+# Bytes a batch's result spends around each item's own (its field's tag and length).
+_ITEM_ENVELOPE = 16
 
 
 class Evaluator:
@@ -165,10 +167,42 @@ class Evaluator:
         if request.debug_fetch:  # %debug asks for a failed cell's frames: no cell runs
             answer = self._failure.answer(request.debug_fetch)
             return cell.CellResult(header=codec.local_header(), debug=answer)
+        if len(request.items) > 0:
+            return self._evaluate_batch(request)
+        return self._evaluate_one(request, RESULT_LIMIT)
+
+    def _evaluate_batch(self, request: cell.CellRequest) -> cell.CellResult:
+        """Run a --map batch: the cell once per item, in order; one result per item run.
+
+        The items share the task's output: each may take what the items before it left,
+        less a reserve for each item after it (half the task's room, shared among them), so
+        that an item that shows a lot is cut only when the batch is full. With
+        ``stop_at_error`` a failed item ends the batch.
+        """
+        batch = cell.CellResult(header=codec.local_header())
+        items = list(request.items)
+        request.ClearField("items")
+        shared = len(request.inputs)
+        reserve = RESULT_LIMIT // (2 * len(items))
+        for position, item in enumerate(items):
+            del request.inputs[shared:]
+            request.inputs.append(item.value)
+            request.channel = item.channel
+            after = len(items) - position - 1
+            room = RESULT_LIMIT - batch.ByteSize() - after * reserve - _ITEM_ENVELOPE
+            result = self._evaluate_one(request, room)
+            result.ClearField("header")
+            batch.items.append(result)
+            if request.stop_at_error and result.HasField("error"):
+                break
+        return batch
+
+    def _evaluate_one(self, request: cell.CellRequest, limit: int) -> cell.CellResult:
+        """Run one cell; its result fitted in ``limit`` bytes."""
         self._failure.clear()
         self.prepare()
         result = cell.CellResult(header=codec.local_header())
-        recorder = Recorder(RESULT_LIMIT)
+        recorder = Recorder(limit)
         self._traffic.begin(request)
         live = self._traffic.live(request.channel, recorder.take)
         if live is not None:
@@ -181,7 +215,7 @@ class Evaluator:
             unsent = live.stop() if live is not None else []
         result.streamed = live is not None and live.created
         result.outputs.extend(unsent + recorder.take())
-        self._traffic.finish(result, recorder.dropped)
+        self._traffic.finish(result, recorder.dropped, limit)
         return result
 
     @contextmanager

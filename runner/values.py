@@ -126,28 +126,30 @@ class Traffic:
             for item in outgoing:
                 result.not_returned.add(name=item.name, reason=reason)
 
-    def finish(self, result: cell.CellResult, dropped: int) -> None:
-        """Fit ``result`` in Flame's task limit, then let the cache forget what is no longer used.
+    def finish(self, result: cell.CellResult, dropped: int, limit: int = RESULT_LIMIT) -> None:
+        """Fit ``result`` in ``limit`` bytes, then let the cache forget what is no longer used.
 
         Parameters
         ----------
         dropped
             Bytes of printed text already left out while recording.
+        limit
+            Flame's task limit, or a --map item's share of it.
         """
         if self.shipper.enabled:
             result.host = shm.host_id()  # the notebook sends through shared memory if it is its own
-            self._by_reference(result)
-        fit_to_limit(result, RESULT_LIMIT, dropped=dropped, cache=self.shipper.enabled)
+            self._by_reference(result, limit)
+        fit_to_limit(result, limit, dropped=dropped, cache=self.shipper.enabled)
         self.shipper.evict()
 
-    def _by_reference(self, result: cell.CellResult) -> None:
+    def _by_reference(self, result: cell.CellResult, limit: int) -> None:
         """Make room by sending inline values through the cache, so that no value gives way."""
-        cap_representation(result, RESULT_LIMIT)
+        cap_representation(result, limit)
         values = [result.value] if result.HasField("value") else []
         values += sorted(result.assigned, key=lambda v: v.ByteSize(), reverse=True)
         try:
             for value in values:
-                if result.ByteSize() <= RESULT_LIMIT:
+                if result.ByteSize() <= limit:
                     break
                 if inline(value) and len(value.pickle) >= 1024:
                     value.CopyFrom(self.shipper.ship(value.name, codec.Pickled(value.pickle), force=True))

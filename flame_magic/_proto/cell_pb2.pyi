@@ -91,7 +91,7 @@ class Package(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class CellRequest(_message.Message):
-    __slots__ = ("header", "source", "filename", "first_line", "inputs", "assign", "timeout", "cache", "values_only", "channel", "modules", "requires", "pip", "send_frames", "debug_fetch")
+    __slots__ = ("header", "source", "filename", "first_line", "inputs", "assign", "timeout", "cache", "values_only", "channel", "modules", "requires", "pip", "items", "stop_at_error", "send_frames", "debug_fetch")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     FILENAME_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,8 @@ class CellRequest(_message.Message):
     MODULES_FIELD_NUMBER: _ClassVar[int]
     REQUIRES_FIELD_NUMBER: _ClassVar[int]
     PIP_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    STOP_AT_ERROR_FIELD_NUMBER: _ClassVar[int]
     SEND_FRAMES_FIELD_NUMBER: _ClassVar[int]
     DEBUG_FETCH_FIELD_NUMBER: _ClassVar[int]
     header: Header
@@ -120,9 +122,19 @@ class CellRequest(_message.Message):
     modules: _containers.RepeatedCompositeFieldContainer[Module]
     requires: _containers.RepeatedCompositeFieldContainer[Requirement]
     pip: _containers.RepeatedScalarFieldContainer[str]
+    items: _containers.RepeatedCompositeFieldContainer[MapItem]
+    stop_at_error: bool
     send_frames: bool
     debug_fetch: str
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., source: _Optional[str] = ..., filename: _Optional[str] = ..., first_line: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., assign: _Optional[_Iterable[str]] = ..., timeout: _Optional[float] = ..., cache: _Optional[_Union[CacheAccess, _Mapping]] = ..., values_only: _Optional[bool] = ..., channel: _Optional[str] = ..., modules: _Optional[_Iterable[_Union[Module, _Mapping]]] = ..., requires: _Optional[_Iterable[_Union[Requirement, _Mapping]]] = ..., pip: _Optional[_Iterable[str]] = ..., send_frames: _Optional[bool] = ..., debug_fetch: _Optional[str] = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., source: _Optional[str] = ..., filename: _Optional[str] = ..., first_line: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., assign: _Optional[_Iterable[str]] = ..., timeout: _Optional[float] = ..., cache: _Optional[_Union[CacheAccess, _Mapping]] = ..., values_only: _Optional[bool] = ..., channel: _Optional[str] = ..., modules: _Optional[_Iterable[_Union[Module, _Mapping]]] = ..., requires: _Optional[_Iterable[_Union[Requirement, _Mapping]]] = ..., pip: _Optional[_Iterable[str]] = ..., items: _Optional[_Iterable[_Union[MapItem, _Mapping]]] = ..., stop_at_error: _Optional[bool] = ..., send_frames: _Optional[bool] = ..., debug_fetch: _Optional[str] = ...) -> None: ...
+
+class MapItem(_message.Message):
+    __slots__ = ("value", "channel")
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    value: Value
+    channel: str
+    def __init__(self, value: _Optional[_Union[Value, _Mapping]] = ..., channel: _Optional[str] = ...) -> None: ...
 
 class Interrupt(_message.Message):
     __slots__ = ("header", "grace")
@@ -237,7 +249,7 @@ class NotReturned(_message.Message):
     def __init__(self, name: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CellResult(_message.Message):
-    __slots__ = ("header", "outputs", "result", "value", "assigned", "not_returned", "error", "refused", "packages", "streamed", "debug", "host")
+    __slots__ = ("header", "outputs", "result", "value", "assigned", "not_returned", "error", "refused", "packages", "streamed", "items", "debug", "host")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
@@ -248,6 +260,7 @@ class CellResult(_message.Message):
     REFUSED_FIELD_NUMBER: _ClassVar[int]
     PACKAGES_FIELD_NUMBER: _ClassVar[int]
     STREAMED_FIELD_NUMBER: _ClassVar[int]
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
     DEBUG_FIELD_NUMBER: _ClassVar[int]
     HOST_FIELD_NUMBER: _ClassVar[int]
     header: Header
@@ -260,6 +273,7 @@ class CellResult(_message.Message):
     refused: str
     packages: _containers.RepeatedCompositeFieldContainer[Package]
     streamed: bool
+    items: _containers.RepeatedCompositeFieldContainer[CellResult]
     debug: DebugFrames
     host: str
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Output, _Mapping]]] = ..., result: _Optional[_Union[MimeBundle, _Mapping]] = ..., value: _Optional[_Union[Value, _Mapping]] = ..., assigned: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., not_returned: _Optional[_Iterable[_Union[NotReturned, _Mapping]]] = ..., error: _Optional[_Union[RemoteException, _Mapping]] = ..., refused: _Optional[str] = ..., packages: _Optional[_Iterable[_Union[Package, _Mapping]]] = ..., streamed: _Optional[bool] = ..., debug: _Optional[_Union[DebugFrames, _Mapping]] = ..., host: _Optional[str] = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., outputs: _Optional[_Iterable[_Union[Output, _Mapping]]] = ..., result: _Optional[_Union[MimeBundle, _Mapping]] = ..., value: _Optional[_Union[Value, _Mapping]] = ..., assigned: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., not_returned: _Optional[_Iterable[_Union[NotReturned, _Mapping]]] = ..., error: _Optional[_Union[RemoteException, _Mapping]] = ..., refused: _Optional[str] = ..., packages: _Optional[_Iterable[_Union[Package, _Mapping]]] = ..., streamed: _Optional[bool] = ..., items: _Optional[_Iterable[_Union[CellResult, _Mapping]]] = ..., debug: _Optional[_Union[DebugFrames, _Mapping]] = ..., host: _Optional[str] = ...) -> None: ...

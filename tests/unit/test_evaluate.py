@@ -506,3 +506,38 @@ def test_the_runners_signal_handlers_are_not_in_tracebacks(evaluator: Evaluator)
     error = evaluator.evaluate(request).error
     assert error.ename == "TimeoutError"
     assert "time.sleep(5)" in error.traceback and "evaluate.py" not in error.traceback, error.traceback
+
+
+def _batch(items: list[Any], source: str, stop_at_error: bool = False) -> cell.CellRequest:
+    request = cell.CellRequest(
+        header=codec.local_header(), source=source, filename="<map>", stop_at_error=stop_at_error
+    )
+    request.inputs.add(name="k", pickle=codec.dumps(100))
+    for item in items:
+        request.items.add(value=cell.Value(name="x", pickle=codec.dumps(item)))
+    return request
+
+
+def test_a_batch_runs_the_cell_once_per_item_with_the_shared_inputs(evaluator: Evaluator) -> None:
+    batch = evaluator.evaluate(_batch([1, 2, 3], "print(x)\nx + k"))
+    assert [codec.loads(r.value.pickle) for r in batch.items] == [101, 102, 103]
+    assert [shown(r) for r in batch.items] == [[("stdout", f"{x}\n")] for x in (1, 2, 3)]
+    assert not batch.HasField("error")
+
+
+def test_a_failed_item_ends_its_batch_only_when_asked(evaluator: Evaluator) -> None:
+    stopped = evaluator.evaluate(_batch([1, 0, 2], "k // x", stop_at_error=True))
+    assert len(stopped.items) == 2 and stopped.items[1].error.ename == "ZeroDivisionError"
+    every = evaluator.evaluate(_batch([1, 0, 2], "k // x"))
+    assert [r.HasField("error") for r in every.items] == [False, True, False]
+    assert codec.loads(every.items[2].value.pickle) == 50
+
+
+def test_the_items_of_a_batch_share_the_task_limit(evaluator: Evaluator) -> None:
+    # The first item alone fits its output; the second, as large, finds the batch full and is cut.
+    batch = evaluator.evaluate(_batch([1, 2, 3, 4], "print('y' * (2 * 1024 * 1024))\nx"))
+    assert batch.ByteSize() <= PAYLOAD_LIMIT
+    texts = ["".join(text for name, text in shown(r) if name == "stdout") for r in batch.items]
+    assert texts[0] == "y" * (2 * MiB) + "\n"
+    assert codec.loads(batch.items[0].value.pickle) == 1
+    assert len(batch.items) == 4 and "[output truncated" in texts[1]

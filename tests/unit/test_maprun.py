@@ -33,10 +33,12 @@ def _map(flame: FakeFlame, source: str, items: list[Any], instances: int, **opti
     session_id = "s-1"
     flame.open_session(session_id, SessionKey(instances=instances).spec("flame-magic", b""))
     request = cell.CellRequest(header=codec.local_header(), source=source, filename="<map>", values_only=True)
-    payloads = item_payloads(codec.encode(request), "x", items, 1 << 20)
+    shared = codec.encode(request)
+    payloads = item_payloads(shared, "x", items, 1 << 20)
     return MapRun(
         flame,  # type: ignore[arg-type]
         session_id,
+        shared,
         payloads,
         instances,
         result_of=_result,
@@ -103,3 +105,73 @@ def test_the_first_failure_stops_the_map_and_keeps_what_finished(flame: FakeFlam
     assert isinstance(outcome.failure[1], RemoteError) and isinstance(outcome.failure[1], ZeroDivisionError)
     assert outcome.results[0] == 10 and outcome.results[-1] is NOT_DONE
     assert outcome.left_running >= 1  # sent, not finished: they may still run on Flame
+
+
+# -- batches: several items per task ----------------------------------------------------
+
+# The cell records, on its runner, each item it ran (a runner's namespace persists).
+RECORDING = "ran = globals().setdefault('ran', [])\nran.append(x)\n10 // x"
+
+
+def _ran(flame: FakeFlame) -> list[Any]:
+    return list(flame.runners["s-1"].namespace.get("ran", []))
+
+
+def test_batches_keep_input_order_when_they_finish_in_reverse(flame: FakeFlame) -> None:
+    run = _map(flame, "x * 2", list(range(10)), instances=2, batch_size=3)
+    thread, outcomes = _start(run)
+    flame.wait_created(4)  # 10 items in tasks of 3, 3, 3 and 1
+    for index in reversed(range(4)):
+        flame.release(index)
+    thread.join(60)
+    assert outcomes[0].results == [x * 2 for x in range(10)]
+    assert len(flame.created) == 4
+
+
+def test_a_failure_inside_a_batch_ends_the_batch_and_the_map(flame: FakeFlame) -> None:
+    run = _map(flame, RECORDING, [1, 2, 0, 5, 10], instances=1, batch_size=5, stop_at_failure=True)
+    thread, outcomes = _start(run)
+    flame.wait_created(1)
+    flame.release_all()
+    thread.join(60)
+    outcome = outcomes[0]
+    assert outcome.failure is not None and outcome.failure[0] == 2
+    assert isinstance(outcome.failure[1], ZeroDivisionError)
+    assert outcome.results[:2] == [10, 5] and outcome.results[3:] == [NOT_DONE, NOT_DONE]
+    assert _ran(flame) == [1, 2, 0]  # the items after the failed one did not run
+
+
+def test_return_exceptions_runs_the_rest_of_a_batch_after_a_failure(flame: FakeFlame) -> None:
+    run = _map(flame, RECORDING, [1, 2, 0, 5, 10], instances=1, batch_size=5, stop_at_failure=False)
+    thread, outcomes = _start(run)
+    flame.wait_created(1)
+    flame.release_all()
+    thread.join(60)
+    results = outcomes[0].results
+    assert results[:2] == [10, 5] and results[3:] == [2, 1]
+    assert isinstance(results[2], ZeroDivisionError) and isinstance(results[2], RemoteError)
+    assert _ran(flame) == [1, 2, 0, 5, 10]
+
+
+def test_an_interrupt_leaves_only_the_batches_in_flight(flame: FakeFlame) -> None:
+    run = _map(flame, RECORDING, list(range(1, 41)), instances=1, batch_size=2)
+    thread, outcomes = _start(run)
+    window = (1 + AHEAD_PER_INSTANCE) * 2  # three batches of two for the one runner
+    flame.wait_created(window // 2)
+    run.stop()
+    flame.release_all()
+    thread.join(60)
+    outcome = outcomes[0]
+    assert outcome.interrupted
+    assert len(flame.created) == window // 2  # nothing sent after the interrupt
+    assert outcome.results[window:] == [NOT_DONE] * (40 - window)
+    assert _ran(flame) == list(range(1, window + 1))
+
+
+def test_quick_items_go_several_to_a_task(flame: FakeFlame) -> None:
+    flame.hold = False
+    run = _map(flame, "x + 1", list(range(300)), instances=1)
+    thread, outcomes = _start(run)
+    thread.join(60)
+    assert outcomes[0].results == [x + 1 for x in range(300)]
+    assert 1 < len(flame.created) < 300  # the first alone, the rest in batches
