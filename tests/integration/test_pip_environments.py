@@ -22,28 +22,7 @@ from pathlib import Path
 
 import pytest
 from jupyter_client.manager import start_new_kernel
-
-
-def execute(client, code: str) -> tuple[dict, list[dict]]:
-    outputs: list[dict] = []
-
-    def keep(message: dict) -> None:
-        if message["msg_type"] in ("stream", "execute_result", "display_data", "error"):
-            outputs.append(message["content"])
-
-    reply = client.execute_interactive(code, timeout=300, output_hook=keep)
-    return reply["content"], outputs
-
-
-def value(outputs: list[dict]) -> str:
-    results = [o["data"]["text/plain"] for o in outputs if "data" in o]
-    assert results, outputs
-    return results[-1]
-
-
-def text(outputs: list[dict]) -> str:
-    return "".join(o.get("text", "") for o in outputs)
-
+from test_environment import execute, text, value
 
 WHEEL = "dist/flmpipdemo-0.3-py3-none-any.whl"
 
