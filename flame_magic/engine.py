@@ -38,7 +38,7 @@ from flame_magic.capture import analyse, pack
 from flame_magic.client import FlameClient
 from flame_magic.config import Target, resolve
 from flame_magic.errors import CellFailed, RequestError
-from flame_magic.fanout import MapOutcome, Progress
+from flame_magic.items import MapOutcome, Progress
 from flame_magic.maps import Maps
 from flame_magic.protocol import cell, types
 from flame_magic.remote import AUTOMATIC, Connection

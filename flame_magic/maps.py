@@ -17,7 +17,8 @@ from typing import Any
 
 from flame_magic import debugger
 from flame_magic.errors import CellFailed, RunnerStartTimeout, SessionGoneError, SessionStartError
-from flame_magic.fanout import MapOutcome, MapRun, Progress, item_payloads, iter_item_payloads
+from flame_magic.fanout import MapRun
+from flame_magic.items import MapOutcome, Progress, item_payloads, iter_item_payloads
 from flame_magic.live import LiveChannel
 from flame_magic.protocol import cell
 from flame_magic.remote import Connection

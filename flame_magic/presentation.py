@@ -22,7 +22,8 @@ from IPython.display import publish_display_data
 from flame_magic import applications, debugger
 from flame_magic.engine import Engine
 from flame_magic.errors import CellFailed, MapInterrupted, add_note
-from flame_magic.fanout import NOT_DONE, MapOutcome
+from flame_magic.fanout import NOT_DONE
+from flame_magic.items import MapOutcome
 from flame_magic.protocol import cell
 from flame_magic.remote import Connection
 from flame_magic.results import Result

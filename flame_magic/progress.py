@@ -11,7 +11,7 @@ import html
 import sys
 from typing import Any
 
-from flame_magic.fanout import Progress
+from flame_magic.items import Progress
 
 
 def describe(label: str, progress: Progress) -> str:

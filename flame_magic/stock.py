@@ -82,6 +82,7 @@ _NOTEBOOK_MODULES = (
     "objects",
     "codec",
     "cache",
+    "digests",
     "transfer",
     "shm",
     "capture",

@@ -29,8 +29,6 @@ checked where they are mapped.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,6 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flame_magic import codec, shm
+from flame_magic.digests import digest, verify, verify_read
 from flame_magic.errors import CacheError, DigestMismatch
 from flame_magic.objects import ObjectRef
 from flame_magic.protocol import cell
@@ -54,8 +53,6 @@ __all__ = ["INLINE_LIMIT", "NOTEBOOK_SIDE", "RUNNER_SIDE", "DigestMismatch", "Sh
 MIN_BUFFER = 64 * 1024
 # One cache object holds at most 2 GiB; larger buffers are split into parts of this size.
 PART_BYTES = 1024**3
-# Content hashes are computed over chunks of this size, in parallel.
-HASH_CHUNK = 8 * 1024 * 1024
 # Objects a side keeps in the cache for values that may be sent again unchanged, beyond
 # those of the last two requests (a larger, older rest is deleted, least recently used first).
 KEEP_BYTES = 256 * 1024 * 1024
@@ -69,18 +66,8 @@ CACHE_HINT = (
 # Below this, writing a file while hashing saves less than starting the write costs.
 STAGE_MIN = 4 * 1024 * 1024
 
-_HASH_THREADS = min(4, os.cpu_count() or 1)
-_pool: ThreadPoolExecutor | None = None
 _write_pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
-
-
-def _threads() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=_HASH_THREADS, thread_name_prefix="flame-hash")
-        return _pool
 
 
 def _writer() -> ThreadPoolExecutor:
@@ -96,85 +83,6 @@ def _address(data: memoryview) -> int:
     import pyarrow as pa
 
     return int(pa.py_buffer(data).address)
-
-
-def digest(data: memoryview) -> str:
-    """A content hash of ``data``: SHA-256 over the size and the SHA-256s of its chunks.
-
-    The chunks hash in parallel: hashlib releases the GIL on large inputs, so several
-    cores share the work. 64 hexadecimal digits.
-    """
-    data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
-    return digest_of(data.nbytes, lambda start, end: data[start:end])
-
-
-def digest_of(size: int, read: Callable[[int, int], Any]) -> str:
-    """:func:`digest` of ``size`` bytes that ``read(start, end)`` gives a chunk at a time."""
-
-    def chunk_digest(start: int) -> bytes:
-        return hashlib.sha256(read(start, min(size, start + HASH_CHUNK))).digest()
-
-    starts = list(range(0, max(size, 1), HASH_CHUNK))
-    chunk_digests = [chunk_digest(0)] if size <= HASH_CHUNK else _shared(chunk_digest, starts)
-    top = hashlib.sha256(size.to_bytes(8, "little"))
-    for each in chunk_digests:
-        top.update(each)
-    return top.hexdigest()
-
-
-def verify(data: memoryview, blob: cell.Blob, what: str) -> None:
-    """Refuse fetched bytes whose digest is not the one the message carries.
-
-    Raises
-    ------
-    DigestMismatch
-        Naming ``what`` (the value, the module) and the object.
-    """
-    data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
-    verify_read(data.nbytes, lambda start, end: data[start:end], blob, what)
-
-
-def verify_read(size: int, read: Callable[[int, int], Any], blob: cell.Blob, what: str) -> None:
-    """:func:`verify` of bytes that ``read(start, end)`` gives a chunk at a time."""
-    if size != blob.size or digest_of(size, read) != blob.digest:
-        if blob.segment:
-            raise DigestMismatch(
-                f"Not loaded: the shared-memory segment {blob.segment} holds other bytes for {what} "
-                "than were sent (SHA-256 mismatch), so nothing of it was unpickled. A process of "
-                "your user changed it; run the cell again."
-            )
-        keys = ", ".join(ObjectRef.decode(ref).key for ref in blob.refs)
-        raise DigestMismatch(
-            f"Not loaded: Flame's object cache holds other bytes for {what} than were sent "
-            f"(SHA-256 mismatch at {keys}), so nothing of it was unpickled. Someone who can reach "
-            "the cache may have replaced it (it has no authentication: use it only on a network you "
-            "trust); run the cell again."
-        )
-
-
-def _shared(work: Callable[[int], bytes], starts: list[int]) -> list[bytes]:
-    """``work(start)`` for each start, on this thread and the pool's, each taking the next free one.
-
-    This thread works too, rather than wait for the pool: on a busy machine a pool thread may
-    wait long to be scheduled, and then the others, this one included, take its share.
-    """
-    digests = [b""] * len(starts)
-    order = iter(range(len(starts)))
-    lock = threading.Lock()
-
-    def take() -> None:
-        while True:
-            with lock:
-                index = next(order, None)
-            if index is None:
-                return
-            digests[index] = work(starts[index])
-
-    helpers = [_threads().submit(take) for _ in range(min(_HASH_THREADS, len(starts)) - 1)]
-    take()
-    for helper in helpers:
-        helper.result()
-    return digests
 
 
 @dataclass

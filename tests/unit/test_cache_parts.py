@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flame_magic import codec, transfer
+from flame_magic import codec, digests, transfer
 from flame_magic.cache import CacheError, ObjectRef, check_key, flight_location
 
 
@@ -82,12 +82,12 @@ def test_unpicklable_values_raise_the_same_error_out_of_band():
 
 
 def test_content_digest_depends_on_every_byte_and_the_size():
-    data = bytearray(3 * transfer.HASH_CHUNK + 5)  # several chunks, hashed in parallel
-    first = transfer.digest(memoryview(data))
-    assert transfer.digest(memoryview(data)) == first
+    data = bytearray(3 * digests.HASH_CHUNK + 5)  # several chunks, hashed in parallel
+    first = digests.digest(memoryview(data))
+    assert digests.digest(memoryview(data)) == first
     data[-1] = 1
-    assert transfer.digest(memoryview(data)) != first
-    assert transfer.digest(memoryview(b"")) != transfer.digest(memoryview(b"\x00"))
+    assert digests.digest(memoryview(data)) != first
+    assert digests.digest(memoryview(b"")) != digests.digest(memoryview(b"\x00"))
 
 
 def test_without_a_cache_values_are_pickled_into_the_message():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pickle
 
 from flame_magic.errors import CellFailed, MapInterrupted, RemoteError, add_note, remote_error
-from flame_magic.fanout import Progress
+from flame_magic.items import Progress
 from flame_magic.progress import describe
 
 

@@ -30,6 +30,7 @@ NOTEBOOK = {
     "flame_magic.cache": TRANSPORT,
     "flame_magic.shm": TRANSPORT,  # large values through shared memory on one host
     "flame_magic.transfer": TRANSPORT,
+    "flame_magic.digests": TRANSPORT,
     "flame_magic.config": TRANSPORT,
     "flame_magic.applications": TRANSPORT,
     "flame_magic.deploy": TRANSPORT,
@@ -47,6 +48,7 @@ NOTEBOOK = {
     "flame_magic.live": ENGINE,
     "flame_magic.results": ENGINE,
     "flame_magic.fanout": ENGINE,
+    "flame_magic.items": ENGINE,
     "flame_magic.maps": ENGINE,
     "flame_magic.background": ENGINE,
     "flame_magic.debugger": ENGINE,

@@ -11,7 +11,8 @@ from fake_flame import FakeFlame
 
 from flame_magic import codec
 from flame_magic.errors import RemoteError
-from flame_magic.fanout import AHEAD_PER_INSTANCE, NOT_DONE, MapOutcome, MapRun, item_payloads
+from flame_magic.fanout import AHEAD_PER_INSTANCE, NOT_DONE, MapRun
+from flame_magic.items import MapOutcome, item_payloads
 from flame_magic.protocol import cell, types
 from flame_magic.results import load_value
 from flame_magic.sessions import SessionKey

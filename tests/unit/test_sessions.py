@@ -6,7 +6,8 @@ import pytest
 
 from flame_magic import codec
 from flame_magic.capture import ShipError
-from flame_magic.fanout import NOT_DONE, batch_input, item_payloads
+from flame_magic.fanout import NOT_DONE
+from flame_magic.items import batch_input, item_payloads
 from flame_magic.protocol import cell, types
 from flame_magic.sessions import (
     RequestError,
