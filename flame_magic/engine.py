@@ -31,7 +31,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from flame_magic import codec, deploy, environments
+from flame_magic import codec, deploy, environments, wire
 from flame_magic.applications import check_application, is_stock_runner
 from flame_magic.background import CellFuture, follow
 from flame_magic.capture import analyse, pack
@@ -86,7 +86,7 @@ class Engine:
         connect_timeout: float = 10.0,
         start_timeout: float = 60.0,
         timeout: float = 0.0,
-        interrupt_grace: float = 5.0,
+        interrupt_grace: float = wire.INTERRUPT_GRACE,
         requirements: Sequence[str] = (),
         check_packages: bool = True,
         notify: Callable[[str], None] | None = None,

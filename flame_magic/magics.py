@@ -40,7 +40,7 @@ from flame_magic.protocol import cell
 from flame_magic.remote import Connection
 from flame_magic.results import Prepared, Result
 from flame_magic.sessions import Plan, plan, take_map_option
-from flame_magic.wire import INTERRUPT_GRACE
+from flame_magic.wire import EMBEDDED_LIVE_POLL, INTERRUPT_GRACE, LIVE_POLL
 
 
 @contextlib.contextmanager
@@ -82,8 +82,9 @@ class FlameMagics(Magics):
     ).tag(config=True)
     live_poll_interval = Float(
         0.0,
-        help="Seconds between two reads of a running cell's live output (0: automatic, 0.05 on the "
-        "embedded Flame, 0.2 on a cluster, where each read is a call to its object cache).",
+        help="Seconds between two reads of a running cell's live output (0: automatic, "
+        f"{EMBEDDED_LIVE_POLL:g} on the embedded Flame, {LIVE_POLL:g} on a cluster, where each read is a "
+        "call to its object cache).",
     ).tag(config=True)
     interrupt_grace = Float(
         INTERRUPT_GRACE,

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from flame_magic import codec, environments, shm
+from flame_magic import codec, environments, shm, wire
 from flame_magic.capture import check_size
 from flame_magic.client import FlameClient, failure_message
 from flame_magic.errors import (
@@ -25,16 +25,15 @@ from flame_magic.errors import (
     SessionStartError,
 )
 from flame_magic.live import LiveChannel
-from flame_magic.protocol import MAX_MESSAGE_BYTES, cell, types
+from flame_magic.protocol import cell, types
 from flame_magic.runners import PendingWatch, never_reached, runner_lost
 from flame_magic.sessions import DEFAULT, SessionKey
 
 if TYPE_CHECKING:
     from flame_magic.remote import Connection
 
-# Room left in a task for Flame's own envelope around our bytes.
-ENVELOPE_MARGIN = 64 * 1024
-TASK_INPUT_LIMIT = MAX_MESSAGE_BYTES - ENVELOPE_MARGIN
+# What a task's input may take (the map checks its items against it).
+TASK_INPUT_LIMIT = wire.PAYLOAD_LIMIT
 
 
 class Runs:
@@ -48,7 +47,7 @@ class Runs:
         request: cell.CellRequest,
         key: SessionKey = DEFAULT,
         show: Callable[[cell.Output], None] | None = None,
-        grace: float = 5.0,
+        grace: float = wire.INTERRUPT_GRACE,
     ) -> tuple[cell.CellResult, str]:
         """Run one cell as a task of this notebook's session for ``key``; its result, and the session.
 
